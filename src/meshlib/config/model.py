@@ -1,0 +1,283 @@
+"""The policy document (``mesh.yaml``) as pydantic models.
+
+The shape mirrors xDS: a service is a virtual host with ordered routes; a
+route sends to weighted clusters (a service, optionally narrowed to a subset);
+a cluster has endpoints with localities and priorities and a load balancer.
+Unknown keys are errors everywhere. Durations are seconds after validation.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
+
+from meshlib.config.durations import format_duration, parse_duration
+from meshlib.endpoint import parse_address
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+]
+NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
+ServiceName = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _check_regex(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regex {value!r}: {exc}") from None
+    return value
+
+
+def _only_one(model: BaseModel, fields: tuple[str, ...], what: str) -> None:
+    given = [name for name in fields if getattr(model, name) is not None]
+    if len(given) != 1:
+        raise ValueError(f"{what} needs exactly one of {', '.join(fields)} (got {given or 'none'})")
+
+
+class Locality(Strict):
+    region: str = ""
+    zone: str = ""
+
+
+class EndpointConfig(Strict):
+    address: str
+    weight: int = Field(default=1, ge=1, le=1_000_000)
+    labels: dict[str, str] = Field(default_factory=dict)
+    locality: Locality = Field(default_factory=Locality)
+    priority: int = Field(default=0, ge=0, le=128)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_address(value)
+        return value
+
+
+class DiscoveryConfig(Strict):
+    """Where a service's endpoints come from when not listed inline."""
+
+    registry: Literal["static", "file"]
+    path: str | None = None
+    name: str | None = None  # the name in the registry, when it differs
+
+    @model_validator(mode="after")
+    def _path_for_file(self) -> DiscoveryConfig:
+        if self.registry == "file" and not self.path:
+            raise ValueError("the file registry needs `path`: the endpoints file to watch")
+        return self
+
+
+class PathMatch(Strict):
+    exact: str | None = None
+    prefix: str | None = None
+    regex: Annotated[str | None, BeforeValidator(_check_regex)] = None
+
+    @model_validator(mode="after")
+    def _one(self) -> PathMatch:
+        _only_one(self, ("exact", "prefix", "regex"), "a path match")
+        return self
+
+
+class ValueMatch(Strict):
+    """Header or query parameter match. A bare string means ``exact``."""
+
+    exact: str | None = None
+    prefix: str | None = None
+    suffix: str | None = None
+    regex: Annotated[str | None, BeforeValidator(_check_regex)] = None
+    present: bool | None = None
+    absent: bool | None = None
+    invert: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"exact": value}
+        return value
+
+    @model_validator(mode="after")
+    def _one(self) -> ValueMatch:
+        _only_one(self, ("exact", "prefix", "suffix", "regex", "present", "absent"), "a match")
+        if self.absent is False:
+            raise ValueError("write `present: true` instead of `absent: false`")
+        return self
+
+
+class RouteMatch(Strict):
+    path: PathMatch | None = None
+    method: list[str] | None = None
+    headers: dict[str, ValueMatch] = Field(default_factory=dict)
+    query: dict[str, ValueMatch] = Field(default_factory=dict)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _methods(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [item.upper() if isinstance(item, str) else item for item in value]
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _lower(cls, value: dict[str, ValueMatch]) -> dict[str, ValueMatch]:
+        return {name.lower(): match for name, match in value.items()}
+
+
+class Destination(Strict):
+    """One weighted target: this service (or another) optionally narrowed to a subset."""
+
+    service: ServiceName | None = None
+    subset: str | None = None
+    weight: int = Field(default=1, ge=0, le=1_000_000)
+
+
+class Mirror(Strict):
+    service: ServiceName | None = None
+    subset: str | None = None
+    percent: float = Field(default=100.0, ge=0.0, le=100.0)
+
+
+class Rewrite(Strict):
+    prefix: str | None = None
+    host: str | None = None
+
+
+class HeaderActions(Strict):
+    set: dict[str, str] = Field(default_factory=dict)
+    add: dict[str, str] = Field(default_factory=dict)
+    remove: list[str] = Field(default_factory=list)
+
+
+RetryOn = Literal[
+    "connect-failure", "reset", "5xx", "gateway-error", "retriable-status-codes", "timeout"
+]
+
+
+_DEFAULT_RETRY_ON: tuple[RetryOn, ...] = ("connect-failure", "gateway-error")
+
+
+class RetryPolicy(Strict):
+    attempts: int = Field(default=2, ge=1, le=10)
+    per_try_timeout: Duration | None = None
+    on: list[RetryOn] = Field(default_factory=lambda: list(_DEFAULT_RETRY_ON))
+    retriable_status_codes: list[int] = Field(default_factory=list)
+
+
+class LoadBalancerConfig(Strict):
+    policy: Literal["round_robin", "random", "least_request", "ring_hash"] = "round_robin"
+    choice_count: int = Field(default=2, ge=2, le=16)
+    hash_on: HashOn | None = None
+    min_ring_size: int = Field(default=1024, ge=1, le=8_388_608)
+
+    @model_validator(mode="after")
+    def _hash_needs_key(self) -> LoadBalancerConfig:
+        if self.hash_on is not None and self.policy != "ring_hash":
+            raise ValueError("`hash_on` only applies to policy ring_hash")
+        return self
+
+
+class HashOn(Strict):
+    header: str | None = None
+    cookie: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> HashOn:
+        _only_one(self, ("header", "cookie"), "hash_on")
+        return self
+
+
+# Policies that later releases enforce: accepted, validated as mappings and
+# reported as "not enforced" by `check` and `config_dump`.
+Pending = dict[str, Any]
+
+
+class RouteConfig(Strict):
+    name: str | None = None
+    match: RouteMatch = Field(default_factory=RouteMatch)
+    to: list[Destination] = Field(default_factory=lambda: [Destination()])
+    rewrite: Rewrite | None = None
+    request_headers: HeaderActions | None = None
+    mirror: Mirror | None = None
+    timeout: Duration | None = None
+    retries: RetryPolicy | None = None
+    hedging: Pending | None = None
+    faults: Pending | Literal["off"] | None = None
+    rate_limit: Pending | None = None
+
+    @field_validator("to")
+    @classmethod
+    def _weights(cls, value: list[Destination]) -> list[Destination]:
+        if not value:
+            raise ValueError("a route needs at least one destination in `to`")
+        if sum(item.weight for item in value) <= 0:
+            raise ValueError("destination weights sum to 0: at least one must be positive")
+        return value
+
+
+class ServiceConfig(Strict):
+    endpoints: list[EndpointConfig] = Field(default_factory=list)
+    discovery: DiscoveryConfig | None = None
+    subsets: dict[str, dict[str, str]] = Field(default_factory=dict)
+    load_balancer: LoadBalancerConfig | None = None
+    routes: list[RouteConfig] = Field(default_factory=list)
+    timeout: Duration | None = None
+    retries: RetryPolicy | None = None
+    circuit_breaker: Pending | None = None
+    outlier_detection: Pending | None = None
+    limits: Pending | None = None
+    inbound: Pending | None = None
+    rate_limit: Pending | None = None
+    faults: Pending | Literal["off"] | None = None
+
+    @model_validator(mode="after")
+    def _endpoints_or_discovery(self) -> ServiceConfig:
+        if self.endpoints and self.discovery is not None and self.discovery.registry != "static":
+            raise ValueError("list `endpoints` or use a `discovery` registry, not both")
+        return self
+
+
+class Defaults(Strict):
+    timeout: Duration | None = None
+    retries: RetryPolicy | None = None
+    load_balancer: LoadBalancerConfig | None = None
+    circuit_breaker: Pending | None = None
+    outlier_detection: Pending | None = None
+    limits: Pending | None = None
+    faults: Pending | Literal["off"] | None = None
+
+
+class MirrorLimits(Strict):
+    max_concurrent: int = Field(default=16, ge=1, le=4096)
+    max_body_bytes: int = Field(default=65536, ge=0)
+
+
+class MeshConfig(Strict):
+    """A whole policy document."""
+
+    trust_domain: str = "cluster.local"
+    defaults: Defaults = Field(default_factory=Defaults)
+    mirroring: MirrorLimits = Field(default_factory=MirrorLimits)
+    services: dict[ServiceName, ServiceConfig] = Field(default_factory=dict)
+
+
+LoadBalancerConfig.model_rebuild()

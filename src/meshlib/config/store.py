@@ -1,0 +1,131 @@
+"""The snapshot store: one current snapshot, swapped whole by writers.
+
+Readers take ``store.current`` (a single attribute read, atomic in CPython)
+and use that object for the whole request, so a swap never changes a request
+that is already in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from meshlib.config.compile import LoadTable, compile_snapshot, static_endpoints
+from meshlib.config.model import MeshConfig
+from meshlib.discovery.base import Registry
+from meshlib.discovery.file import FileRegistry
+from meshlib.endpoint import Endpoint
+from meshlib.errors import ConfigError
+from meshlib.snapshot import Snapshot
+
+log = logging.getLogger("meshlib.config")
+
+
+class SnapshotStore:
+    """Owns the policy, the registries it names, and the current snapshot."""
+
+    def __init__(self, config: MeshConfig, source: str) -> None:
+        self._lock = threading.RLock()
+        self._loads = LoadTable()
+        self._registries: dict[str, Registry] = {}
+        self._unsubscribe: list[Callable[[], None]] = []
+        self._version = 0
+        self.config = config
+        self.source = source
+        self.last_error: ConfigError | None = None
+        self.last_error_at: float | None = None
+        self.current: Snapshot = self._build(config)
+
+    # -- writers -------------------------------------------------------------
+
+    def apply(self, config: MeshConfig, source: str | None = None) -> Snapshot:
+        """Swap in a snapshot for a new, already validated policy."""
+        with self._lock:
+            self.config = config
+            if source is not None:
+                self.source = source
+            self.current = self._build(config)
+            self.last_error = None
+            self.last_error_at = None
+            log.info("policy version %d in force (%s)", self.current.version, self.source)
+            return self.current
+
+    def reject(self, error: ConfigError) -> None:
+        """Record a broken policy edit; the current snapshot stays in force."""
+        with self._lock:
+            self.last_error = error
+            self.last_error_at = time.time()
+        log.error("%s\nkeeping policy version %d in force", error, self.current.version)
+
+    def rebuild(self) -> None:
+        """Recompile after a registry reported new endpoints."""
+        with self._lock:
+            self.current = self._build(self.config)
+
+    def close(self) -> None:
+        with self._lock:
+            for unsubscribe in self._unsubscribe:
+                unsubscribe()
+            self._unsubscribe.clear()
+            for registry in self._registries.values():
+                registry.close()
+            self._registries.clear()
+
+    # -- internals -----------------------------------------------------------
+
+    def _registry_for(self, kind: str, path: str | None) -> Registry:
+        key = f"{kind}:{path}"
+        registry = self._registries.get(key)
+        if registry is None:
+            if kind == "file" and path is not None:
+                registry = FileRegistry(path)
+            else:  # pragma: no cover - validated by the model
+                raise ConfigError([])
+            self._registries[key] = registry
+        return registry
+
+    def _build(self, config: MeshConfig) -> Snapshot:
+        endpoints: dict[str, tuple[Endpoint, ...]] = {}
+        discovery: dict[str, Any] = {}
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe.clear()
+        wanted: set[str] = set()
+        for name, service in config.services.items():
+            found = service.discovery
+            if found is None or found.registry == "static":
+                endpoints[name] = static_endpoints(service)
+                discovery[name] = {"registry": "static", "endpoints": len(endpoints[name])}
+                continue
+            wanted.add(f"{found.registry}:{found.path}")
+            registry = self._registry_for(found.registry, found.path)
+            resolution = registry.resolve(found.name or name)
+            endpoints[name] = resolution.endpoints
+            discovery[name] = {
+                "registry": registry.name,
+                "version": resolution.version,
+                "updated_at": resolution.updated_at,
+                "stale": resolution.stale,
+                "error": resolution.error,
+                "endpoints": len(resolution.endpoints),
+            }
+            self._unsubscribe.append(
+                registry.watch(found.name or name, lambda _resolution: self.rebuild())
+            )
+        for key in [key for key in self._registries if key not in wanted]:
+            self._registries.pop(key).close()
+        self._version += 1
+        return compile_snapshot(
+            config,
+            endpoints,
+            version=self._version,
+            source=self.source,
+            loads=self._loads,
+            discovery=discovery,
+        )
+
+    def registries(self) -> dict[str, Registry]:
+        return dict(self._registries)

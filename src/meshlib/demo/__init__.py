@@ -1,0 +1,1 @@
+"""The built-in demo: real services on loopback and a policy that shows the mesh."""

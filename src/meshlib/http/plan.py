@@ -1,0 +1,87 @@
+"""What both httpx transports do before any I/O: decide and rewrite. Shared by
+the sync and async flavours so that they cannot drift apart."""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+
+from meshlib.routing.decide import Decision, decide
+from meshlib.routing.request import RequestView
+from meshlib.snapshot import HeaderOps, Snapshot
+
+HOST = b"host"
+
+
+class Plan:
+    """One request's decision plus the bytes to put on the wire."""
+
+    __slots__ = ("decision", "headers", "target", "timeout")
+
+    def __init__(
+        self,
+        decision: Decision,
+        headers: list[tuple[bytes, bytes]],
+        target: bytes,
+        timeout: float | None,
+    ) -> None:
+        self.decision = decision
+        self.headers = headers
+        self.target = target
+        self.timeout = timeout
+
+
+def plan_request(snapshot: Snapshot, request: httpx.Request, rng: random.Random) -> Plan | None:
+    """The plan for a request to a mesh service, or None to pass it through untouched."""
+    service = snapshot.services.get(request.url.host)
+    if service is None:
+        return None
+    raw_path = request.url.raw_path.decode("ascii")
+    path, _, query = raw_path.partition("?")
+    view = RequestView(request.method, path or "/", query, request.headers)
+    decision = decide(service, view, rng)
+    action = decision.route.action
+    headers = request.headers.raw
+    if action.header_ops is not None or action.host_rewrite is not None:
+        headers = rewrite_headers(headers, action.header_ops, action.host_rewrite)
+    return Plan(decision, headers, decision.target.encode("ascii"), action.timeout)
+
+
+def rewrite_headers(
+    raw: list[tuple[bytes, bytes]], ops: HeaderOps | None, host: str | None
+) -> list[tuple[bytes, bytes]]:
+    """Apply a route's header actions: remove, set (replace), add (append), host rewrite."""
+    drop: set[bytes] = set()
+    extra: list[tuple[bytes, bytes]] = []
+    if ops is not None:
+        drop.update(name.encode("latin-1") for name in ops.remove)
+        for name, value in ops.set:
+            drop.add(name.encode("latin-1"))
+            extra.append((name.encode("latin-1"), value.encode("latin-1")))
+        extra.extend((n.encode("latin-1"), v.encode("latin-1")) for n, v in ops.add)
+    out = [(name, value) for name, value in raw if name.lower() not in drop]
+    if host is not None:
+        out = [(HOST if name.lower() == HOST else name, value) for name, value in out]
+        out = [(n, host.encode("idna") if n == HOST else v) for n, v in out]
+    out.extend(extra)
+    return out
+
+
+def mirror_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Envoy's convention: a shadowed request's Host gets ``-shadow`` appended."""
+    return [(n, v + b"-shadow" if n.lower() == HOST else v) for n, v in raw]
+
+
+def timeout_extension(
+    current: dict[str, float | None] | None, route_timeout: float | None
+) -> dict[str, float | None] | None:
+    """The route's timeout applies to connect, write, read and pool waits."""
+    if route_timeout is None:
+        return current
+    return {
+        "connect": route_timeout,
+        "read": route_timeout,
+        "write": route_timeout,
+        "pool": route_timeout,
+    }

@@ -1,0 +1,189 @@
+"""The sync httpx transport: mesh names in, endpoint connections out."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import httpcore
+import httpx
+
+from meshlib.endpoint import Endpoint
+from meshlib.http.errors import httpcore_errors
+from meshlib.http.plan import Plan, mirror_headers, plan_request, timeout_extension
+from meshlib.routing.decide import pick_endpoint
+from meshlib.routing.request import RequestView
+
+if TYPE_CHECKING:
+    from meshlib.config.store import SnapshotStore
+
+log = logging.getLogger("meshlib.http")
+
+
+class _EndpointStream(httpx.SyncByteStream):
+    """Response body that releases the endpoint's in-flight slot when closed."""
+
+    def __init__(self, stream: Iterable[bytes], endpoint: Endpoint) -> None:
+        self._stream = stream
+        self._endpoint: Endpoint | None = endpoint
+
+    def __iter__(self) -> Iterator[bytes]:
+        with httpcore_errors():
+            yield from self._stream
+
+    def close(self) -> None:
+        if self._endpoint is not None:
+            self._endpoint.load.inflight -= 1
+            self._endpoint = None
+        close = getattr(self._stream, "close", None)
+        if close is not None:
+            close()
+
+
+class MeshTransport(httpx.BaseTransport):
+    """Routes requests for mesh services; everything else goes to ``passthrough``.
+
+    Connections are pooled per endpoint (host:port) by one httpcore pool.
+    """
+
+    def __init__(
+        self,
+        store: SnapshotStore,
+        *,
+        passthrough: httpx.BaseTransport | None = None,
+        limits: httpx.Limits | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        limits = limits or httpx.Limits(max_connections=200, max_keepalive_connections=50)
+        self._store = store
+        self._rng = rng or random.Random()
+        self._pool = httpcore.ConnectionPool(
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+        )
+        self._passthrough = passthrough or httpx.HTTPTransport()
+        self._mirror = _SyncMirror(store.config.mirroring.max_concurrent)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        plan = plan_request(self._store.current, request, self._rng)
+        if plan is None:
+            return self._passthrough.handle_request(request)
+        if plan.decision.mirror is not None:
+            self._mirror.submit(self, plan, request)
+        return self._send(request, plan.decision.endpoint, plan)
+
+    def _send(self, request: httpx.Request, endpoint: Endpoint, plan: Plan) -> httpx.Response:
+        core_request = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(
+                scheme=b"http", host=endpoint.host, port=endpoint.port, target=plan.target
+            ),
+            headers=plan.headers,
+            content=request.stream,
+            extensions=_extensions(request, plan),
+        )
+        load = endpoint.load
+        load.inflight += 1
+        load.total += 1
+        try:
+            with httpcore_errors():
+                response = self._pool.handle_request(core_request)
+        except BaseException:
+            load.inflight -= 1
+            raise
+        assert isinstance(response.stream, Iterable)
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_EndpointStream(response.stream, endpoint),
+            extensions=response.extensions,
+        )
+
+    def send_mirror(self, plan: Plan, request: httpx.Request, body: bytes) -> None:
+        """Send a copy to the mirror cluster and discard the answer."""
+        cluster = plan.decision.mirror
+        assert cluster is not None
+        path, _, query = plan.decision.target.partition("?")
+        view = RequestView(request.method, path, query, request.headers)
+        endpoint = pick_endpoint(cluster, view, self._rng)
+        copy = httpx.Request(request.method, request.url, content=body)
+        response = self._send(copy, endpoint, _mirror_plan(plan))
+        try:
+            response.read()
+        finally:
+            response.close()
+
+    def close(self) -> None:
+        self._mirror.close()
+        self._pool.close()
+        self._passthrough.close()
+
+
+def _mirror_plan(plan: Plan) -> Plan:
+    return Plan(plan.decision, mirror_headers(plan.headers), plan.target, plan.timeout)
+
+
+def _extensions(request: httpx.Request, plan: Plan) -> dict[str, object]:
+    extensions = request.extensions
+    if plan.timeout is not None:
+        extensions = dict(extensions)
+        extensions["timeout"] = timeout_extension(extensions.get("timeout"), plan.timeout)
+    return extensions
+
+
+def mirror_body(request: httpx.Request, limit: int) -> bytes | None:
+    """The request body if it is already in memory and small enough to copy."""
+    try:
+        body = request.content
+    except httpx.RequestNotRead:
+        return None  # streaming bodies are never mirrored: copying would stall the caller
+    return body if len(body) <= limit else None
+
+
+class _SyncMirror:
+    """Fire-and-forget copies on a few worker threads; drops copies when saturated."""
+
+    def __init__(self, max_concurrent: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._max = max_concurrent
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self.sent = 0
+        self.dropped = 0
+        self.failed = 0
+
+    def submit(self, transport: MeshTransport, plan: Plan, request: httpx.Request) -> None:
+        body = mirror_body(request, transport._store.config.mirroring.max_body_bytes)
+        if body is None or not self._slots.acquire(blocking=False):
+            self.dropped += 1
+            return
+        if self._executor is None:
+            with self._lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(self._max, "meshlib-mirror")
+        try:
+            self._executor.submit(self._run, transport, plan, request, body)
+        except RuntimeError:  # executor shut down: the client is closing
+            self._slots.release()
+            self.dropped += 1
+
+    def _run(
+        self, transport: MeshTransport, plan: Plan, request: httpx.Request, body: bytes
+    ) -> None:
+        try:
+            transport.send_mirror(plan, request, body)
+            self.sent += 1
+        except Exception as exc:  # the caller never sees mirror failures
+            self.failed += 1
+            log.debug("mirror to %s failed: %s", plan.decision.mirror, exc)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,215 @@
+"""The Mesh: the one object an application holds."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from meshlib.config.load import load_policy_file, parse_policy, policy_from_mapping
+from meshlib.config.model import MeshConfig
+from meshlib.config.store import SnapshotStore
+from meshlib.errors import ConfigError
+from meshlib.explain import explain_request
+from meshlib.filewatch import FileWatcher
+from meshlib.http.async_transport import AsyncMeshTransport
+from meshlib.http.sync_transport import MeshTransport
+from meshlib.snapshot import Snapshot
+
+log = logging.getLogger("meshlib")
+
+
+class Mesh:
+    """Policy, discovery and the clients that obey them.
+
+    ``Mesh(config)`` takes a MeshConfig or a plain mapping; ``Mesh.from_file``
+    loads a policy file and keeps it hot-reloaded.
+    """
+
+    def __init__(
+        self,
+        config: MeshConfig | Mapping[str, Any] | None = None,
+        *,
+        service: str | None = None,
+        source: str = "<dict>",
+        rng: random.Random | None = None,
+    ) -> None:
+        validated = policy_from_mapping(config if config is not None else {}, source)
+        self.service = service
+        self._rng = rng or random.Random()
+        self._store = SnapshotStore(validated, source)
+        self._watcher: FileWatcher | None = None
+        self._closed = False
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | Path,
+        *,
+        service: str | None = None,
+        watch: bool = True,
+        poll_interval: float = 0.5,
+        rng: random.Random | None = None,
+    ) -> Mesh:
+        """Load a policy file; with ``watch`` a changed file is validated and swapped in."""
+        file = str(path)
+        mesh = cls(load_policy_file(file), service=service, source=file, rng=rng)
+        watcher = FileWatcher(file, mesh._reload_text, interval=poll_interval, name="policy")
+        watcher.prime(Path(file).read_text(encoding="utf-8"))
+        mesh._watcher = watcher.start() if watch else watcher
+        return mesh
+
+    # -- policy ---------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The snapshot in force now (immutable)."""
+        return self._store.current
+
+    @property
+    def last_error(self) -> ConfigError | None:
+        """The error of the last rejected policy edit, if it is still unresolved."""
+        return self._store.last_error
+
+    def update(self, config: MeshConfig | Mapping[str, Any], source: str = "<dict>") -> Snapshot:
+        """Validate and apply a new policy; raises ConfigError and keeps the old one."""
+        try:
+            validated = policy_from_mapping(config, source)
+        except ConfigError as exc:
+            self._store.reject(exc)
+            raise
+        return self._store.apply(validated, source)
+
+    def reload(self) -> bool:
+        """Check the watched policy file now; True when a change was applied or rejected."""
+        return self._watcher.check() if self._watcher is not None else False
+
+    def _reload_text(self, text: str) -> None:
+        file = self._store.source
+        try:
+            config = parse_policy(text, file)
+        except ConfigError as exc:
+            self._store.reject(exc)
+            return
+        self._store.apply(config, file)
+
+    # -- clients --------------------------------------------------------------
+
+    def transport(self, passthrough: httpx.BaseTransport | None = None) -> MeshTransport:
+        """An httpx transport to mount into your own ``httpx.Client``."""
+        return MeshTransport(self._store, passthrough=passthrough, rng=self._rng)
+
+    def async_transport(
+        self, passthrough: httpx.AsyncBaseTransport | None = None
+    ) -> AsyncMeshTransport:
+        """An httpx async transport to mount into your own ``httpx.AsyncClient``."""
+        return AsyncMeshTransport(self._store, passthrough=passthrough, rng=self._rng)
+
+    def http_client(self, **kwargs: Any) -> httpx.Client:
+        """An ``httpx.Client`` that resolves mesh names; other hosts pass through.
+
+        Proxy settings from the environment are not applied (``trust_env`` is
+        False unless you pass it), because a proxy mount would bypass the mesh.
+        """
+        kwargs.setdefault("trust_env", False)
+        return httpx.Client(transport=self.transport(), **kwargs)
+
+    def async_http_client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An ``httpx.AsyncClient`` that resolves mesh names (aiohttp on the wire)."""
+        kwargs.setdefault("trust_env", False)
+        return httpx.AsyncClient(transport=self.async_transport(), **kwargs)
+
+    # -- introspection --------------------------------------------------------
+
+    def explain(
+        self, method: str, url: str, headers: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Why this request would go where it goes (route, cluster, endpoint, policies)."""
+        return explain_request(self.snapshot, method, url, headers, self._rng)
+
+    def config_dump(self) -> dict[str, Any]:
+        """Everything in force, with version, source and the last error."""
+        snapshot = self.snapshot
+        error = self._store.last_error
+        return {
+            "version": snapshot.version,
+            "source": snapshot.source,
+            "created_at": snapshot.created_at,
+            "service": self.service,
+            "policy": snapshot.policy,
+            "not_enforced": list(snapshot.not_enforced),
+            "clusters": {
+                name: {
+                    "service": cluster.service,
+                    "subset": cluster.subset,
+                    "load_balancer": cluster.lb_policy,
+                    "endpoints": [ep.describe() for ep in cluster.endpoints],
+                }
+                for name, cluster in snapshot.clusters.items()
+            },
+            "routes": {
+                name: [
+                    {
+                        "name": route.name,
+                        "match": route.matcher.describe(),
+                        "to": {
+                            c.name: w
+                            for c, w in zip(
+                                route.action.split.clusters, route.action.split.weights, strict=True
+                            )
+                        },
+                    }
+                    for route in service.routes
+                ]
+                for name, service in snapshot.services.items()
+            },
+            "discovery": dict(snapshot.discovery),
+            "registries": {
+                key: {
+                    "ok": health.ok,
+                    "stale": health.stale,
+                    "last_error": health.last_error,
+                    "last_update": health.last_update,
+                }
+                for key, registry in self._store.registries().items()
+                for health in [registry.health()]
+            },
+            "last_error": None
+            if error is None
+            else {
+                "message": str(error),
+                "issues": [issue.to_dict() for issue in error.issues],
+                "at": self._store.last_error_at,
+            },
+        }
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._watcher is not None:
+            self._watcher.stop()
+        self._store.close()
+
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Mesh:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

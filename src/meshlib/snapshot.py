@@ -1,0 +1,98 @@
+"""The compiled, frozen form of the policy that the request path reads.
+
+A snapshot is built whole by `meshlib.config.compile` and swapped in
+atomically; nothing in it changes afterwards except endpoint load counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshlib.balancing import Balancer
+from meshlib.endpoint import Endpoint
+from meshlib.routing.match import RouteMatcher
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """A service, optionally narrowed to a subset: endpoints plus their balancer."""
+
+    name: str
+    service: str
+    subset: str | None
+    endpoints: tuple[Endpoint, ...]
+    balancer: Balancer
+    lb_policy: str
+    hash_on: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedSplit:
+    clusters: tuple[Cluster, ...]
+    weights: tuple[int, ...]
+    cumulative: tuple[int, ...]
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorAction:
+    cluster: Cluster
+    fraction: float  # 0..1
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOps:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteAction:
+    split: WeightedSplit
+    prefix_rewrite: str | None = None
+    host_rewrite: str | None = None
+    header_ops: HeaderOps | None = None
+    mirror: MirrorAction | None = None
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    index: int
+    matcher: RouteMatcher
+    action: RouteAction
+    # the path prefix the route matched on, replaced by prefix_rewrite
+    match_prefix: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualService:
+    """A logical service name and its ordered routes."""
+
+    name: str
+    routes: tuple[Route, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything in force at one version."""
+
+    version: int
+    source: str
+    created_at: float
+    services: Mapping[str, VirtualService]
+    clusters: Mapping[str, Cluster]
+    policy: Mapping[str, Any]
+    not_enforced: tuple[str, ...] = ()
+    discovery: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def service_names(self) -> tuple[str, ...]:
+        return tuple(self.services)
+
+
+EMPTY_SNAPSHOT_VERSION = 0
