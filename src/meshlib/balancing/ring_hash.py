@@ -27,6 +27,8 @@ def vnode_counts(weights: Sequence[int], min_ring_size: int, max_ring_size: int)
     ``min_ring_size / 2**j``, e.g. 4 <-> 3 equal endpoints at the default size.
     """
     total = sum(weights)
+    if not total:
+        return []
     if total > max_ring_size:
         return [max(1, w * max_ring_size // total) for w in weights]
     per_unit = 1

@@ -17,19 +17,29 @@ MAX_PERIOD = 4096
 def normalized_weights(weights: Sequence[int], max_period: int = MAX_PERIOD) -> list[int]:
     """Divide by the gcd and, if the sum still exceeds ``max_period``, scale down.
 
-    Scaling keeps every weight >= 1, so with more than ``max_period`` endpoints the
-    period is the number of endpoints.
+    Scaling keeps every weight >= 1, so with ``max_period`` endpoints or more they all
+    get weight 1 and the period is the number of endpoints.
     """
     if not weights:
         return []
     g = math.gcd(*weights)
     ws = [w // g for w in weights]
     total = sum(ws)
-    if total > max_period:
-        ws = [max(1, w * max_period // total) for w in ws]
-        g = math.gcd(*ws)
-        ws = [w // g for w in ws]
-    return ws
+    if total <= max_period:
+        return ws
+    if len(ws) >= max_period:
+        return [1] * len(ws)
+    # Raising tiny weights to 1 overshoots the cap; shrink the budget by the overshoot
+    # until it fits (a few rounds at most, since only the bumped weights overshoot).
+    budget = max_period
+    while True:
+        scaled = [max(1, w * budget // total) for w in ws]
+        excess = sum(scaled) - max_period
+        if excess <= 0:
+            break
+        budget -= excess
+    g = math.gcd(*scaled)
+    return [w // g for w in scaled]
 
 
 def smooth_schedule(weights: Sequence[int]) -> list[int]:
