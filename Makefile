@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CHECKED := src tests bench examples
+CHECKED := $(wildcard src tests bench examples)
 
 .PHONY: demo test lint typecheck unit bench clean
 
