@@ -64,13 +64,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _err(str(exc))
         return 1
-    store = SnapshotStore(config, args.file)
     try:
-        _out(f"{args.file}: OK")
+        store = SnapshotStore(config, args.file)
+    except ConfigError as exc:
+        _err(str(exc))
+        return 1
+    try:
+        problems = [
+            f"{args.file}: services.{name}.discovery: {info['error']}"
+            for name, info in store.current.discovery.items()
+            if info.get("error")
+        ]
+        for problem in problems:
+            _err(problem)
+        _out(f"{args.file}: {'OK' if not problems else 'policy OK, discovery failed'}")
         _out(summarize(store.current))
     finally:
         store.close()
-    return 0
+    return 1 if problems else 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ class Endpoint:
     host: str
     port: int
     weight: int = 1
-    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY, hash=False)
     region: str = ""
     zone: str = ""
     priority: int = 0

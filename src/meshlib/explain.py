@@ -91,8 +91,12 @@ def explain_request(
             "percent": action.mirror.fraction * 100,
         }
     result["timeout"] = action.timeout
-    prefix = f"services.{service.name}"
-    result["not_enforced"] = [p for p in snapshot.not_enforced if p.startswith(prefix)]
+    prefix = f"services.{service.name}."
+    result["not_enforced"] = [
+        path
+        for path in snapshot.not_enforced
+        if path.startswith((prefix, "defaults.")) or path == "trust_domain"
+    ]
     result["verdict"] = (
         f"route {matched.name!r} → cluster {cluster.name!r} → endpoint {endpoint.address}"
     )

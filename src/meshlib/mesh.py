@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ import httpx
 from meshlib.config.load import load_policy_file, parse_policy, policy_from_mapping
 from meshlib.config.model import MeshConfig
 from meshlib.config.store import SnapshotStore
+from meshlib.discovery.base import Registry
 from meshlib.errors import ConfigError
 from meshlib.explain import explain_request
 from meshlib.filewatch import FileWatcher
@@ -22,6 +24,9 @@ from meshlib.http.sync_transport import MeshTransport
 from meshlib.snapshot import Snapshot
 
 log = logging.getLogger("meshlib")
+
+# httpx.Client arguments that configure its transport rather than the client
+_TRANSPORT_SETTINGS = ("verify", "cert", "http1", "http2", "limits")
 
 
 class Mesh:
@@ -38,11 +43,12 @@ class Mesh:
         service: str | None = None,
         source: str = "<dict>",
         rng: random.Random | None = None,
+        registries: Mapping[str, Registry] | None = None,
     ) -> None:
         validated = policy_from_mapping(config if config is not None else {}, source)
         self.service = service
         self._rng = rng or random.Random()
-        self._store = SnapshotStore(validated, source)
+        self._store = SnapshotStore(validated, source, registries)
         self._watcher: FileWatcher | None = None
         self._closed = False
 
@@ -55,10 +61,17 @@ class Mesh:
         watch: bool = True,
         poll_interval: float = 0.5,
         rng: random.Random | None = None,
+        registries: Mapping[str, Registry] | None = None,
     ) -> Mesh:
-        """Load a policy file; with ``watch`` a changed file is validated and swapped in."""
+        """Load a policy file; with ``watch`` a changed file is validated and swapped in.
+
+        ``registries`` adds discovery backends that services name with
+        ``discovery: {registry: NAME}``; ``static`` and ``file`` are built in.
+        """
         file = str(path)
-        mesh = cls(load_policy_file(file), service=service, source=file, rng=rng)
+        mesh = cls(
+            load_policy_file(file), service=service, source=file, rng=rng, registries=registries
+        )
         watcher = FileWatcher(file, mesh._reload_text, interval=poll_interval, name="policy")
         watcher.prime(Path(file).read_text(encoding="utf-8"))
         mesh._watcher = watcher.start() if watch else watcher
@@ -79,11 +92,10 @@ class Mesh:
     def update(self, config: MeshConfig | Mapping[str, Any], source: str = "<dict>") -> Snapshot:
         """Validate and apply a new policy; raises ConfigError and keeps the old one."""
         try:
-            validated = policy_from_mapping(config, source)
+            return self._store.apply(policy_from_mapping(config, source), source)
         except ConfigError as exc:
             self._store.reject(exc)
             raise
-        return self._store.apply(validated, source)
 
     def reload(self) -> bool:
         """Check the watched policy file now; True when a change was applied or rejected."""
@@ -92,37 +104,58 @@ class Mesh:
     def _reload_text(self, text: str) -> None:
         file = self._store.source
         try:
-            config = parse_policy(text, file)
+            self._store.apply(parse_policy(text, file), file)
         except ConfigError as exc:
             self._store.reject(exc)
-            return
-        self._store.apply(config, file)
 
     # -- clients --------------------------------------------------------------
 
-    def transport(self, passthrough: httpx.BaseTransport | None = None) -> MeshTransport:
-        """An httpx transport to mount into your own ``httpx.Client``."""
-        return MeshTransport(self._store, passthrough=passthrough, rng=self._rng)
+    def transport(
+        self,
+        passthrough: httpx.BaseTransport | None = None,
+        *,
+        limits: httpx.Limits | None = None,
+    ) -> MeshTransport:
+        """An httpx transport to mount into your own ``httpx.Client``.
+
+        ``passthrough`` handles hosts that are not mesh services (default: a
+        plain ``httpx.HTTPTransport``); ``limits`` bounds the endpoint pool.
+        """
+        return MeshTransport(self._store, passthrough=passthrough, limits=limits, rng=self._rng)
 
     def async_transport(
-        self, passthrough: httpx.AsyncBaseTransport | None = None
+        self,
+        passthrough: httpx.AsyncBaseTransport | None = None,
+        *,
+        limits: httpx.Limits | None = None,
     ) -> AsyncMeshTransport:
         """An httpx async transport to mount into your own ``httpx.AsyncClient``."""
-        return AsyncMeshTransport(self._store, passthrough=passthrough, rng=self._rng)
+        return AsyncMeshTransport(
+            self._store, passthrough=passthrough, limits=limits, rng=self._rng
+        )
 
     def http_client(self, **kwargs: Any) -> httpx.Client:
         """An ``httpx.Client`` that resolves mesh names; other hosts pass through.
 
-        Proxy settings from the environment are not applied (``trust_env`` is
-        False unless you pass it), because a proxy mount would bypass the mesh.
+        Transport settings (``verify``, ``cert``, ``http1``, ``http2``,
+        ``limits``) apply to the pass-through transport, and ``limits`` to the
+        mesh's endpoint pool too. Proxy settings from the environment are not
+        applied (``trust_env`` is False unless you pass it): a proxy mount
+        would bypass the mesh.
         """
         kwargs.setdefault("trust_env", False)
-        return httpx.Client(transport=self.transport(), **kwargs)
+        settings = {key: kwargs.pop(key) for key in _TRANSPORT_SETTINGS if key in kwargs}
+        passthrough = httpx.HTTPTransport(**settings)
+        transport = self.transport(passthrough, limits=settings.get("limits"))
+        return httpx.Client(transport=transport, **kwargs)
 
     def async_http_client(self, **kwargs: Any) -> httpx.AsyncClient:
         """An ``httpx.AsyncClient`` that resolves mesh names (aiohttp on the wire)."""
         kwargs.setdefault("trust_env", False)
-        return httpx.AsyncClient(transport=self.async_transport(), **kwargs)
+        settings = {key: kwargs.pop(key) for key in _TRANSPORT_SETTINGS if key in kwargs}
+        passthrough = httpx.AsyncHTTPTransport(**settings)
+        transport = self.async_transport(passthrough, limits=settings.get("limits"))
+        return httpx.AsyncClient(transport=transport, **kwargs)
 
     # -- introspection --------------------------------------------------------
 
@@ -141,7 +174,7 @@ class Mesh:
             "source": snapshot.source,
             "created_at": snapshot.created_at,
             "service": self.service,
-            "policy": snapshot.policy,
+            "policy": copy.deepcopy(dict(snapshot.policy)),
             "not_enforced": list(snapshot.not_enforced),
             "clusters": {
                 name: {

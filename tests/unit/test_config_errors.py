@@ -115,3 +115,30 @@ def test_prefix_rewrite_needs_prefix_match() -> None:
     found = errors_of(text)
     assert found[0][1] == "services.users.routes[0].rewrite.prefix"
     assert found[0][0] == 11
+
+
+def test_on_and_off_are_strings_not_booleans() -> None:
+    config = parse_policy(
+        GOOD + "    retries: {attempts: 3, on: [5xx, reset]}\n    faults: off\n", "mesh.yaml"
+    )
+    retries = config.services["users"].retries
+    assert retries is not None and retries.on == ["5xx", "reset"]
+    assert config.services["users"].faults == "off"
+
+
+def test_uppercase_service_names_are_rejected() -> None:
+    found = errors_of(GOOD.replace("  users:", "  Users:"))
+    assert found[0][1] == "services.Users"
+
+
+def test_header_values_must_be_latin1_and_single_line() -> None:
+    text = GOOD.replace(
+        "        to: [{subset: v2}]",
+        '        to: [{subset: v2}]\n        request_headers: {set: {x-a: "caf\\u00e9\\u2603"}, '
+        'add: {"bad name": "1"}}',
+    )
+    found = errors_of(text)
+    assert {path for _, path, _ in found} == {
+        "services.users.routes[0].request_headers.set",
+        "services.users.routes[0].request_headers.add",
+    }

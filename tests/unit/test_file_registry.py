@@ -49,7 +49,8 @@ def test_watchers_called_on_change_and_broken_edit_keeps_last_good(tmp_path: Pat
         count = len(seen)
         path.write_text(GOOD.replace("address: 127.0.0.1:8001", "adress: x"))
         registry.refresh()
-        assert len(seen) == count  # no change delivered
+        assert len(seen) == count + 1  # watchers learn the endpoints are now stale
+        assert seen[-1].stale and [ep.port for ep in seen[-1].endpoints] == [8003, 8002]
         resolution = registry.resolve("users")
         assert [ep.port for ep in resolution.endpoints] == [8003, 8002]
         assert resolution.stale

@@ -147,3 +147,39 @@ def test_endpoint_loads_survive_swaps(policy_file: Path) -> None:
         mesh.update(yaml.safe_load(POLICY.replace("weight: 90", "weight: 70")))
         assert mesh.snapshot.version == 2
         assert mesh.snapshot.clusters["users"].endpoints[0].load.inflight == 3
+
+
+def test_cli_check_reports_broken_endpoints_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text("services:\n  pay:\n    discovery: {registry: file, path: eps.yaml}\n")
+    assert main(["check", str(policy)]) == 1
+    assert "cannot read" in capsys.readouterr().err
+    (tmp_path / "eps.yaml").write_text("services:\n  pay:\n    - {address: 127.0.0.1:1}\n")
+    assert main(["check", str(policy)]) == 0  # relative to the policy file, not the cwd
+    assert "service pay: 1 endpoint(s)" in capsys.readouterr().out
+
+
+def test_unknown_registry_and_custom_registry() -> None:
+    from meshlib.discovery import StaticRegistry
+    from meshlib.endpoint import Endpoint
+
+    policy = {"services": {"pay": {"discovery": {"registry": "inventory"}}}}
+    with pytest.raises(ConfigError) as caught:
+        Mesh(policy)
+    assert caught.value.issues[0].path == "services.pay.discovery.registry"
+    registry = StaticRegistry({"pay": (Endpoint("127.0.0.1", 4000),)})
+    with Mesh(policy, registries={"inventory": registry}) as mesh:
+        assert mesh.snapshot.clusters["pay"].endpoints[0].port == 4000
+        registry.replace("pay", (Endpoint("127.0.0.1", 4001),))
+        assert mesh.snapshot.clusters["pay"].endpoints[0].port == 4001
+        assert mesh.snapshot.version == 2
+
+
+def test_https_to_a_mesh_name_is_a_clear_error() -> None:
+    from meshlib import MeshError
+
+    with Mesh({"services": {"users": {"endpoints": [{"address": "127.0.0.1:9"}]}}}) as mesh:
+        with mesh.http_client() as client, pytest.raises(MeshError, match="http://"):
+            client.get("https://users/")

@@ -80,12 +80,21 @@ def static_endpoints(service: ServiceConfig) -> tuple[Endpoint, ...]:
 
 def not_enforced(config: MeshConfig) -> tuple[str, ...]:
     """Field paths that are set in the policy but not enforced by this release."""
-    found = [f"defaults.{name}" for name in _PENDING_DEFAULTS if getattr(config.defaults, name)]
+    found = ["trust_domain"] if "trust_domain" in config.model_fields_set else []
+    found += [
+        f"defaults.{name}"
+        for name in _PENDING_DEFAULTS
+        if getattr(config.defaults, name) is not None
+    ]
     for name, service in config.services.items():
-        found += [f"services.{name}.{f}" for f in _PENDING_SERVICE if getattr(service, f)]
+        found += [
+            f"services.{name}.{f}" for f in _PENDING_SERVICE if getattr(service, f) is not None
+        ]
         for index, route in enumerate(service.routes):
             found += [
-                f"services.{name}.routes[{index}].{f}" for f in _PENDING_ROUTE if getattr(route, f)
+                f"services.{name}.routes[{index}].{f}"
+                for f in _PENDING_ROUTE
+                if getattr(route, f) is not None
             ]
     return tuple(found)
 
@@ -191,7 +200,7 @@ def _route(
         host_rewrite=rewrite.host if rewrite else None,
         header_ops=header_ops,
         mirror=mirror,
-        timeout=route.timeout or service.timeout or config.defaults.timeout,
+        timeout=_first_set(route.timeout, service.timeout, config.defaults.timeout),
     )
     match = route.match
     path = None
@@ -211,6 +220,14 @@ def _route(
         query=tuple((name, _value_matcher(m)) for name, m in match.query.items()),
     )
     return Route(route.name or f"route-{index}", index, matcher, action, match_prefix)
+
+
+def _first_set(*values: float | None) -> float | None:
+    """The most specific timeout that is set; ``0s`` means no timeout."""
+    for value in values:
+        if value is not None:
+            return value or None
+    return None
 
 
 def _value_matcher(match: ValueMatch) -> ValueMatcher:

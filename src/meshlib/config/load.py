@@ -5,7 +5,7 @@ from __future__ import annotations
 import typing
 from collections.abc import Mapping
 from pathlib import Path as FilePath
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -13,6 +13,8 @@ from meshlib.config.model import MeshConfig
 from meshlib.config.references import check_references
 from meshlib.config.source_yaml import DocumentError, LocatedDocument, Path, load_document
 from meshlib.errors import ConfigError, PolicyIssue
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def load_policy_file(path: str | FilePath) -> MeshConfig:
@@ -44,26 +46,33 @@ def policy_from_mapping(data: Mapping[str, Any] | MeshConfig, source: str = "<di
     return validate_document(LocatedDocument(dict(data), {}, source))
 
 
-def validate_document(document: LocatedDocument) -> MeshConfig:
+def validate_model(model: type[M], document: LocatedDocument) -> M:
+    """Validate a located document against a model; ConfigError lists every problem."""
     if not isinstance(document.data, dict):
-        raise ConfigError([document.issue((), "the policy must be a mapping at the top level")])
+        raise ConfigError([document.issue((), "the document must be a mapping at the top level")])
     try:
-        config = MeshConfig.model_validate(document.data)
+        return model.model_validate(document.data)
     except ValidationError as exc:
-        raise ConfigError(_issues_from(exc, document)) from None
+        raise ConfigError(_issues_from(exc, document, model)) from None
+
+
+def validate_document(document: LocatedDocument) -> MeshConfig:
+    config = validate_model(MeshConfig, document)
     issues = check_references(config, document)
     if issues:
         raise ConfigError(issues)
     return config
 
 
-def _issues_from(error: ValidationError, document: LocatedDocument) -> list[PolicyIssue]:
+def _issues_from(
+    error: ValidationError, document: LocatedDocument, root: type[BaseModel]
+) -> list[PolicyIssue]:
     issues = []
     for item in error.errors():
         path = _data_path(document.data, item["loc"])
         message = str(item["msg"]).removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            allowed = _allowed_keys(path[:-1])
+            allowed = _allowed_keys(root, path[:-1])
             message = f"unknown key {path[-1]!r}"
             if allowed:
                 message += f" (allowed here: {', '.join(allowed)})"
@@ -97,9 +106,9 @@ def _is_tag(part: str) -> bool:
     return "[" in part or part in {"str", "int", "float", "bool", "dict", "list"}
 
 
-def _allowed_keys(path: Path) -> list[str]:
+def _allowed_keys(root: type[BaseModel], path: Path) -> list[str]:
     """Field names of the model at a document path, for unknown-key messages."""
-    model: Any = MeshConfig
+    model: Any = root
     for part in path:
         model = _field_type(model, part)
         if model is None:

@@ -29,8 +29,10 @@ Duration = Annotated[
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
 ]
-NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
+# Lowercase only: URL hosts are case-insensitive and httpx lowercases them.
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$"
 ServiceName = Annotated[str, Field(pattern=NAME_PATTERN)]
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
 class Strict(BaseModel):
@@ -74,7 +76,9 @@ class EndpointConfig(Strict):
 class DiscoveryConfig(Strict):
     """Where a service's endpoints come from when not listed inline."""
 
-    registry: Literal["static", "file"]
+    registry: Annotated[
+        str, Field(pattern=NAME_PATTERN)
+    ]  # static, file, or a Mesh(registries=...) name
     path: str | None = None
     name: str | None = None  # the name in the registry, when it differs
 
@@ -162,10 +166,36 @@ class Rewrite(Strict):
     host: str | None = None
 
 
+def _header_name(name: str) -> str:
+    if not _TOKEN.match(name):
+        raise ValueError(f"{name!r} is not a valid HTTP header name")
+    return name
+
+
+def _header_value(value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"header value {value!r} contains a line break")
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"header value {value!r} is not Latin-1 text") from None
+    return value
+
+
 class HeaderActions(Strict):
     set: dict[str, str] = Field(default_factory=dict)
     add: dict[str, str] = Field(default_factory=dict)
     remove: list[str] = Field(default_factory=list)
+
+    @field_validator("set", "add")
+    @classmethod
+    def _pairs(cls, value: dict[str, str]) -> dict[str, str]:
+        return {_header_name(name): _header_value(item) for name, item in value.items()}
+
+    @field_validator("remove")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        return [_header_name(name) for name in value]
 
 
 RetryOn = Literal[
@@ -266,9 +296,14 @@ class Defaults(Strict):
     faults: Pending | Literal["off"] | None = None
 
 
+_DEFAULT_MIRROR_TIMEOUT: Any = "5s"  # validated like a policy value
+
+
 class MirrorLimits(Strict):
     max_concurrent: int = Field(default=16, ge=1, le=4096)
     max_body_bytes: int = Field(default=65536, ge=0)
+    # a mirror copy never waits longer than this, so a hanging target cannot hold slots
+    timeout: Duration = Field(default=_DEFAULT_MIRROR_TIMEOUT, gt=0)
 
 
 class MeshConfig(Strict):

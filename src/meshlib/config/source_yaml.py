@@ -6,6 +6,7 @@ into nodes first and each node's line is recorded under its field path.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -13,6 +14,22 @@ import yaml
 from meshlib.errors import PolicyIssue
 
 Path = tuple[str | int, ...]
+
+
+class _PolicyLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false, so keys such as
+    ``on`` (retry conditions) and values such as ``off`` stay strings."""
+
+
+_PolicyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_PolicyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
 
 
 class LocatedDocument:
@@ -49,7 +66,7 @@ def format_path(path: Path) -> str:
 
 def load_document(text: str, file: str = "<policy>") -> LocatedDocument:
     """Parse text; raise a ConfigError-ready list of issues via ValueError subclass."""
-    loader = yaml.SafeLoader(text)
+    loader = _PolicyLoader(text)
     lines: dict[Path, int] = {}
     duplicates: list[PolicyIssue] = []
     try:

@@ -8,9 +8,10 @@ that is already in flight.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from meshlib.config.compile import LoadTable, compile_snapshot, static_endpoints
@@ -18,7 +19,7 @@ from meshlib.config.model import MeshConfig
 from meshlib.discovery.base import Registry
 from meshlib.discovery.file import FileRegistry
 from meshlib.endpoint import Endpoint
-from meshlib.errors import ConfigError
+from meshlib.errors import ConfigError, PolicyIssue
 from meshlib.snapshot import Snapshot
 
 log = logging.getLogger("meshlib.config")
@@ -27,9 +28,15 @@ log = logging.getLogger("meshlib.config")
 class SnapshotStore:
     """Owns the policy, the registries it names, and the current snapshot."""
 
-    def __init__(self, config: MeshConfig, source: str) -> None:
+    def __init__(
+        self,
+        config: MeshConfig,
+        source: str,
+        registries: Mapping[str, Registry] | None = None,
+    ) -> None:
         self._lock = threading.RLock()
         self._loads = LoadTable()
+        self._provided = dict(registries or {})
         self._registries: dict[str, Registry] = {}
         self._unsubscribe: list[Callable[[], None]] = []
         self._version = 0
@@ -44,10 +51,10 @@ class SnapshotStore:
     def apply(self, config: MeshConfig, source: str | None = None) -> Snapshot:
         """Swap in a snapshot for a new, already validated policy."""
         with self._lock:
-            self.config = config
             if source is not None:
                 self.source = source
-            self.current = self._build(config)
+            self.current = self._build(config)  # raises ConfigError before anything changes
+            self.config = config
             self.last_error = None
             self.last_error_at = None
             log.info("policy version %d in force (%s)", self.current.version, self.source)
@@ -76,23 +83,38 @@ class SnapshotStore:
 
     # -- internals -----------------------------------------------------------
 
-    def _registry_for(self, kind: str, path: str | None) -> Registry:
-        key = f"{kind}:{path}"
+    def _registry_for(self, service: str, kind: str, path: str | None) -> Registry:
+        provided = self._provided.get(kind)
+        if provided is not None:
+            return provided
+        if kind != "file" or path is None:
+            known = ", ".join(["static", "file", *sorted(self._provided)])
+            raise ConfigError(
+                [
+                    PolicyIssue(
+                        f"services.{service}.discovery.registry",
+                        f"unknown registry {kind!r} (known: {known}); pass other registries "
+                        "as Mesh(..., registries={name: registry})",
+                        self.source,
+                    )
+                ]
+            )
+        key = f"file:{self._resolve_path(path)}"
         registry = self._registries.get(key)
         if registry is None:
-            if kind == "file" and path is not None:
-                registry = FileRegistry(path)
-            else:  # pragma: no cover - validated by the model
-                raise ConfigError([])
-            self._registries[key] = registry
+            registry = self._registries[key] = FileRegistry(self._resolve_path(path))
         return registry
+
+    def _resolve_path(self, path: str) -> str:
+        """Relative registry paths are relative to the policy file, not the cwd."""
+        if os.path.isabs(path) or not os.path.isfile(self.source):
+            return path
+        return os.path.join(os.path.dirname(os.path.abspath(self.source)), path)
 
     def _build(self, config: MeshConfig) -> Snapshot:
         endpoints: dict[str, tuple[Endpoint, ...]] = {}
         discovery: dict[str, Any] = {}
-        for unsubscribe in self._unsubscribe:
-            unsubscribe()
-        self._unsubscribe.clear()
+        watches: list[tuple[Registry, str]] = []
         wanted: set[str] = set()
         for name, service in config.services.items():
             found = service.discovery
@@ -100,8 +122,9 @@ class SnapshotStore:
                 endpoints[name] = static_endpoints(service)
                 discovery[name] = {"registry": "static", "endpoints": len(endpoints[name])}
                 continue
-            wanted.add(f"{found.registry}:{found.path}")
-            registry = self._registry_for(found.registry, found.path)
+            registry = self._registry_for(name, found.registry, found.path)
+            if found.path is not None:
+                wanted.add(f"file:{self._resolve_path(found.path)}")
             resolution = registry.resolve(found.name or name)
             endpoints[name] = resolution.endpoints
             discovery[name] = {
@@ -112,13 +135,9 @@ class SnapshotStore:
                 "error": resolution.error,
                 "endpoints": len(resolution.endpoints),
             }
-            self._unsubscribe.append(
-                registry.watch(found.name or name, lambda _resolution: self.rebuild())
-            )
-        for key in [key for key in self._registries if key not in wanted]:
-            self._registries.pop(key).close()
+            watches.append((registry, found.name or name))
         self._version += 1
-        return compile_snapshot(
+        snapshot = compile_snapshot(
             config,
             endpoints,
             version=self._version,
@@ -126,6 +145,15 @@ class SnapshotStore:
             loads=self._loads,
             discovery=discovery,
         )
+        # only now that the build succeeded: move the subscriptions over
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = [
+            registry.watch(name, lambda _resolution: self.rebuild()) for registry, name in watches
+        ]
+        for key in [key for key in self._registries if key not in wanted]:
+            self._registries.pop(key).close()  # a file registry the policy no longer names
+        return snapshot
 
     def registries(self) -> dict[str, Registry]:
-        return dict(self._registries)
+        return {**self._provided, **self._registries}

@@ -22,11 +22,18 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 @dataclass
 class EchoApp:
-    """Answers every request with JSON describing it and records what it saw."""
+    """Answers every request with JSON describing it and records what it saw.
+
+    ``status`` and ``delay`` shape every answer; while ``gate`` is set to an
+    unset ``threading.Event``, answers wait for it (at most ``gate_timeout``
+    seconds), which lets tests hold requests in flight deterministically.
+    """
 
     name: str
     status: int = 200
     delay: float = 0.0
+    gate: threading.Event | None = None
+    gate_timeout: float = 30.0
     seen: list[dict[str, Any]] = field(default_factory=list)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -44,15 +51,24 @@ class EchoApp:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        client = scope.get("client")
         record = {
             "server": self.name,
             "method": scope["method"],
             "path": scope["path"],
+            "raw_path": (scope.get("raw_path") or scope["path"].encode()).decode("latin-1"),
             "query": scope["query_string"].decode(),
             "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
+            "raw_headers": [[k.decode(), v.decode()] for k, v in scope["headers"]],
+            "client": list(client) if client else None,
             "body": body.decode("latin-1"),
         }
         self.seen.append(record)
+        gate = self.gate
+        if gate is not None:
+            deadline = time.monotonic() + self.gate_timeout
+            while not gate.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
         if self.delay:
             await asyncio.sleep(self.delay)
         payload = json.dumps(record).encode()

@@ -9,12 +9,14 @@ import time
 from collections.abc import Callable
 from types import MappingProxyType
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from meshlib.config.load import validate_model
 from meshlib.config.model import EndpointConfig, ServiceName
 from meshlib.config.source_yaml import DocumentError, load_document
 from meshlib.discovery.base import RegistryHealth, Resolution, Unsubscribe
 from meshlib.endpoint import Endpoint, parse_address
+from meshlib.errors import ConfigError
 from meshlib.filewatch import FileWatcher
 
 log = logging.getLogger("meshlib.discovery.file")
@@ -30,18 +32,14 @@ class EndpointsFile(BaseModel):
 
 
 def parse_endpoints_file(text: str, file: str) -> dict[str, tuple[Endpoint, ...]]:
-    """Parse the endpoints file; raise ValueError naming file, line and field."""
+    """Parse the endpoints file; ConfigError names file, line and field of each problem."""
     try:
         document = load_document(text, file)
-        parsed = EndpointsFile.model_validate(document.data or {})
     except DocumentError as exc:
-        raise ValueError(str(exc)) from None
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            path = tuple(part for part in error["loc"] if not str(part).startswith("function"))
-            problems.append(str(document.issue(path, str(error["msg"]))))
-        raise ValueError("; ".join(problems)) from None
+        raise ConfigError(exc.issues) from None
+    if document.data is None:
+        document.data = {}
+    parsed = validate_model(EndpointsFile, document)
     result: dict[str, tuple[Endpoint, ...]] = {}
     for service, items in parsed.services.items():
         endpoints = []
@@ -92,9 +90,10 @@ class FileRegistry:
     def _load(self, text: str) -> None:
         try:
             endpoints = parse_endpoints_file(text, self.path)
-        except ValueError as exc:
+        except ConfigError as exc:
             self._error = str(exc)
             log.error("file registry keeps the last good endpoints: %s", exc)
+            self._notify(set(self._watchers))  # they now see the endpoints as stale
             return
         with self._lock:
             changed = {
@@ -105,8 +104,14 @@ class FileRegistry:
             self._endpoints = endpoints
             self._version += 1
             self._updated = time.time()
+            if self._error is not None:
+                changed |= set(self._watchers)  # no longer stale
             self._error = None
-            callbacks = [(n, cb) for n in changed for cb in self._watchers.get(n, ())]
+        self._notify(changed)
+
+    def _notify(self, services: set[str]) -> None:
+        with self._lock:
+            callbacks = [(n, cb) for n in services for cb in self._watchers.get(n, ())]
         for name, callback in callbacks:
             try:
                 callback(self.resolve(name))

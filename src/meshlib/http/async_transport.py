@@ -20,7 +20,7 @@ from yarl import URL
 
 from meshlib.endpoint import Endpoint
 from meshlib.http.errors import aiohttp_errors
-from meshlib.http.plan import Plan, mirror_headers, plan_request
+from meshlib.http.plan import Plan, mirror_plan, plan_request
 from meshlib.http.sync_transport import mirror_body
 from meshlib.routing.decide import pick_endpoint
 from meshlib.routing.request import RequestView
@@ -115,6 +115,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             encoded=True,
         )
         headers = CIMultiDict((n.decode("latin-1"), v.decode("latin-1")) for n, v in plan.headers)
+        # aiohttp frames the body itself (chunked when its size is unknown) and
+        # refuses a body it must chunk when httpx's Transfer-Encoding is present
+        headers.popall("Transfer-Encoding", None)
         timeout = _client_timeout(request, plan)
         load = endpoint.load
         load.inflight += 1
@@ -160,10 +163,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             path, _, query = plan.decision.target.partition("?")
             view = RequestView(request.method, path, query, request.headers)
             endpoint = pick_endpoint(cluster, view, self._rng)
-            mirror_plan = Plan(
-                plan.decision, mirror_headers(plan.headers), plan.target, plan.timeout
-            )
-            response = await self._send(request, endpoint, mirror_plan, body)
+            copy_plan = mirror_plan(plan, self._store.config.mirroring.timeout)
+            response = await self._send(request, endpoint, copy_plan, body)
             try:
                 await response.aread()
             finally:

@@ -7,6 +7,7 @@ import random
 
 import httpx
 
+from meshlib.errors import MeshError
 from meshlib.routing.decide import Decision, decide
 from meshlib.routing.request import RequestView
 from meshlib.snapshot import HeaderOps, Snapshot
@@ -34,10 +35,16 @@ class Plan:
 
 def plan_request(snapshot: Snapshot, request: httpx.Request, rng: random.Random) -> Plan | None:
     """The plan for a request to a mesh service, or None to pass it through untouched."""
-    service = snapshot.services.get(request.url.host)
+    url = request.url
+    service = snapshot.services.get(url.host)
     if service is None:
         return None
-    raw_path = request.url.raw_path.decode("ascii")
+    if url.scheme != "http":
+        raise MeshError(
+            f"{url.scheme}://{url.host} names mesh service {service.name!r}: call it with "
+            "http:// (the mesh picks the endpoint; mesh TLS is configured in the policy)"
+        )
+    raw_path = url.raw_path.decode("ascii")
     path, _, query = raw_path.partition("?")
     view = RequestView(request.method, path or "/", query, request.headers)
     decision = decide(service, view, rng)
@@ -68,9 +75,12 @@ def rewrite_headers(
     return out
 
 
-def mirror_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Envoy's convention: a shadowed request's Host gets ``-shadow`` appended."""
-    return [(n, v + b"-shadow" if n.lower() == HOST else v) for n, v in raw]
+def mirror_plan(plan: Plan, limit: float) -> Plan:
+    """The plan for a mirror copy: Host gets ``-shadow`` appended (Envoy's
+    convention) and the copy never waits longer than ``limit`` seconds."""
+    headers = [(n, v + b"-shadow" if n.lower() == HOST else v) for n, v in plan.headers]
+    timeout = limit if plan.timeout is None else min(plan.timeout, limit)
+    return Plan(plan.decision, headers, plan.target, timeout)
 
 
 def timeout_extension(

@@ -14,7 +14,7 @@ import httpx
 
 from meshlib.endpoint import Endpoint
 from meshlib.http.errors import httpcore_errors
-from meshlib.http.plan import Plan, mirror_headers, plan_request, timeout_extension
+from meshlib.http.plan import Plan, mirror_plan, plan_request, timeout_extension
 from meshlib.routing.decide import pick_endpoint
 from meshlib.routing.request import RequestView
 
@@ -112,7 +112,8 @@ class MeshTransport(httpx.BaseTransport):
         view = RequestView(request.method, path, query, request.headers)
         endpoint = pick_endpoint(cluster, view, self._rng)
         copy = httpx.Request(request.method, request.url, content=body)
-        response = self._send(copy, endpoint, _mirror_plan(plan))
+        limit = self._store.config.mirroring.timeout
+        response = self._send(copy, endpoint, mirror_plan(plan, limit))
         try:
             response.read()
         finally:
@@ -122,10 +123,6 @@ class MeshTransport(httpx.BaseTransport):
         self._mirror.close()
         self._pool.close()
         self._passthrough.close()
-
-
-def _mirror_plan(plan: Plan) -> Plan:
-    return Plan(plan.decision, mirror_headers(plan.headers), plan.target, plan.timeout)
 
 
 def _extensions(request: httpx.Request, plan: Plan) -> dict[str, object]:
