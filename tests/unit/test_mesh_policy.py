@@ -180,6 +180,6 @@ def test_unknown_registry_and_custom_registry() -> None:
 def test_https_to_a_mesh_name_is_a_clear_error() -> None:
     from meshlib import MeshError
 
-    with Mesh({"services": {"users": {"endpoints": [{"address": "127.0.0.1:9"}]}}}) as mesh:
-        with mesh.http_client() as client, pytest.raises(MeshError, match="http://"):
-            client.get("https://users/")
+    mesh = Mesh({"services": {"users": {"endpoints": [{"address": "127.0.0.1:9"}]}}})
+    with mesh, mesh.http_client() as client, pytest.raises(MeshError, match="http://"):
+        client.get("https://users/")
