@@ -162,8 +162,12 @@ class Mesh:
     def explain(
         self, method: str, url: str, headers: Mapping[str, str] | None = None
     ) -> dict[str, Any]:
-        """Why this request would go where it goes (route, cluster, endpoint, policies)."""
-        return explain_request(self.snapshot, method, url, headers, self._rng)
+        """Why this request would go where it goes (route, cluster, endpoint, policies).
+
+        Uses its own random source, so explaining never shifts the draws of a
+        seeded mesh's real traffic.
+        """
+        return explain_request(self.snapshot, method, url, headers, random.Random())
 
     def config_dump(self) -> dict[str, Any]:
         """Everything in force, with version, source and the last error."""
