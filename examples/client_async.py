@@ -17,18 +17,8 @@ from collections import Counter
 
 import httpx
 
-from loopback import async_wait_until, loopback
+from loopback import async_wait_until, loopback, server_of, shares
 from meshlib import Mesh
-
-
-def server_of(reply: httpx.Response) -> str:
-    """Which echo server answered (each one puts its name in the JSON body)."""
-    reply.raise_for_status()
-    return str(reply.json()["server"])
-
-
-def shares(counts: Counter[str], total: int) -> str:
-    return ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in sorted(counts.items()))
 
 
 async def main() -> None:

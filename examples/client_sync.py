@@ -15,20 +15,8 @@ import logging
 import time
 from collections import Counter
 
-import httpx
-
-from loopback import loopback, wait_until
+from loopback import loopback, server_of, shares, wait_until
 from meshlib import Mesh
-
-
-def server_of(reply: httpx.Response) -> str:
-    """Which echo server answered (each one puts its name in the JSON body)."""
-    reply.raise_for_status()
-    return str(reply.json()["server"])
-
-
-def shares(counts: Counter[str], total: int) -> str:
-    return ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in sorted(counts.items()))
 
 
 def main() -> None:

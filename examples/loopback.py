@@ -13,10 +13,13 @@ import asyncio
 import json
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from meshlib.demo.services import EchoApp, ServerThread
 
@@ -95,3 +98,13 @@ async def async_wait_until(condition: Callable[[], Awaitable[bool]], timeout: fl
         if time.monotonic() > deadline:
             raise TimeoutError("the change was not picked up in time")
         await asyncio.sleep(0.05)
+
+
+def server_of(reply: httpx.Response) -> str:
+    """Which echo server answered (each one puts its name in the JSON body)."""
+    reply.raise_for_status()
+    return str(reply.json()["server"])
+
+
+def shares(counts: Counter[str], total: int) -> str:
+    return ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in sorted(counts.items()))
