@@ -3,8 +3,8 @@ client catch the same exceptions as with a plain httpx client."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from types import TracebackType
 
 import aiohttp
 import httpcore
@@ -27,34 +27,68 @@ _HTTPCORE: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
 )
 
 
-@contextmanager
-def httpcore_errors() -> Iterator[None]:
-    try:
-        yield
-    except httpcore.ConnectionNotAvailable as exc:  # pragma: no cover - pool internals
-        raise httpx.TransportError(str(exc)) from exc
-    except Exception as exc:
-        for source, target in _HTTPCORE:
-            if isinstance(exc, source):
-                raise target(str(exc)) from exc
-        raise
+class _Translate:
+    """Context manager mapping wire exceptions to httpx's.
+
+    A class, not ``@contextmanager``: it is entered several times per request
+    and a generator-based one costs several µs each time.
+    """
+
+    __slots__ = ("_map",)
+
+    def __init__(self, mapping: Callable[[BaseException], httpx.HTTPError | None]) -> None:
+        self._map = mapping
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None or not isinstance(exc, Exception):
+            return
+        mapped = self._map(exc)
+        if mapped is not None:
+            raise mapped from exc
 
 
-@contextmanager
-def aiohttp_errors() -> Iterator[None]:
-    try:
-        yield
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise httpx.ConnectTimeout(str(exc) or "connect timed out") from exc
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise httpx.ReadTimeout(str(exc) or "read timed out") from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise httpx.ConnectError(str(exc)) from exc
-    except aiohttp.ServerDisconnectedError as exc:
-        raise httpx.RemoteProtocolError(str(exc) or "server disconnected") from exc
-    except aiohttp.ClientPayloadError as exc:
-        raise httpx.ReadError(str(exc)) from exc
-    except aiohttp.ClientOSError as exc:
-        raise httpx.NetworkError(str(exc)) from exc
-    except aiohttp.ClientError as exc:
-        raise httpx.TransportError(str(exc)) from exc
+def _from_httpcore(exc: BaseException) -> httpx.HTTPError | None:
+    if isinstance(exc, httpcore.ConnectionNotAvailable):  # pragma: no cover - pool internals
+        return httpx.TransportError(str(exc))
+    for source, target in _HTTPCORE:
+        if isinstance(exc, source):
+            return target(str(exc))
+    return None
+
+
+def _from_aiohttp(exc: BaseException) -> httpx.HTTPError | None:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(str(exc) or "connect timed out")
+    if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
+        return httpx.ReadTimeout(str(exc) or "read timed out")
+    for source, target in _AIOHTTP:
+        if isinstance(exc, source):
+            return target(str(exc) or source.__name__)
+    return None
+
+
+_AIOHTTP: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
+    (aiohttp.ClientConnectorError, httpx.ConnectError),
+    (aiohttp.ServerDisconnectedError, httpx.RemoteProtocolError),
+    (aiohttp.ClientPayloadError, httpx.ReadError),
+    (aiohttp.ClientOSError, httpx.NetworkError),
+    (aiohttp.ClientError, httpx.TransportError),
+)
+
+_HTTPCORE_ERRORS = _Translate(_from_httpcore)
+_AIOHTTP_ERRORS = _Translate(_from_aiohttp)
+
+
+def httpcore_errors() -> _Translate:
+    """``with httpcore_errors():`` raises httpx exceptions for httpcore ones."""
+    return _HTTPCORE_ERRORS
+
+
+def aiohttp_errors() -> _Translate:
+    """``with aiohttp_errors():`` raises httpx exceptions for aiohttp ones."""
+    return _AIOHTTP_ERRORS
