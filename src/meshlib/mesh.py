@@ -48,7 +48,7 @@ class Mesh:
         validated = policy_from_mapping(config if config is not None else {}, source)
         self.service = service
         self._rng = rng or random.Random()
-        self._store = SnapshotStore(validated, source, registries)
+        self._store = SnapshotStore(validated, source, registries, self._rng)
         self._watcher: FileWatcher | None = None
         self._closed = False
 

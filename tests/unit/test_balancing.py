@@ -546,3 +546,18 @@ def test_make_balancer_rejects_bad_config_even_without_endpoints() -> None:
         make_balancer("least_request", (), choice_count=0)
     with pytest.raises(ValueError, match="min_ring_size"):
         make_balancer("ring_hash", (), min_ring_size=0)
+
+
+def test_round_robin_start_offset_staggers_but_keeps_shares() -> None:
+    from collections import Counter
+
+    from meshlib.balancing import RoundRobin
+    from meshlib.endpoint import Endpoint
+
+    endpoints = [Endpoint("127.0.0.1", 9000 + i, weight=i + 1) for i in range(3)]
+    rng = random.Random(0)
+    first = {RoundRobin(endpoints, start).pick(rng).address for start in range(6)}
+    assert len(first) > 1  # different processes begin at different endpoints
+    balancer = RoundRobin(endpoints, 4)
+    counts = Counter(balancer.pick(rng).port for _ in range(balancer.period * 5))
+    assert counts == {9000: 5, 9001: 10, 9002: 15}

@@ -22,15 +22,20 @@ def make_balancer(
     *,
     choice_count: int = 2,
     min_ring_size: int = 1024,
+    start: int = 0,
 ) -> PriorityFailover:
     """A ``policy`` balancer per priority level, wrapped in ``PriorityFailover``.
 
+    ``start`` is round robin's first schedule slot (callers pass a random one).
     Raises ValueError for an unknown policy or a bad parameter, even when there are no
     endpoints yet, so config errors show up at load time.
     """
     make_level: Callable[[tuple[Endpoint, ...]], Balancer]
     if policy == "round_robin":
-        make_level = RoundRobin
+
+        def make_level(eps: tuple[Endpoint, ...]) -> Balancer:
+            return RoundRobin(eps, start)
+
     elif policy == "random":
         make_level = WeightedRandom
     elif policy == "least_request":

@@ -93,13 +93,15 @@ class RoundRobin:
     endpoints: tuple[Endpoint, ...]
     period: int
 
-    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
+    def __init__(self, endpoints: Sequence[Endpoint], start: int = 0) -> None:
+        # ``start`` staggers processes that load the same policy at the same time,
+        # so they don't all send their first requests to the same endpoint
         self.endpoints = tuple(endpoints)
         weights = normalized_weights(effective_weights(self.endpoints))
         self._schedule = tuple(smooth_schedule(weights))
         self.period = len(self._schedule)
         self._addresses = tuple(e.address for e in self.endpoints)
-        self._counter = itertools.count()
+        self._counter = itertools.count(start % self.period if self.period else 0)
 
     def pick(
         self, rng: random.Random, key: bytes | None = None, avoid: Container[str] = ()

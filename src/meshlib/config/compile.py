@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import time
 from collections.abc import Mapping
@@ -107,9 +108,14 @@ def compile_snapshot(
     source: str,
     loads: LoadTable | None = None,
     discovery: Mapping[str, Any] | None = None,
+    rng: random.Random | None = None,
 ) -> Snapshot:
-    """Build every cluster and route; the result is never mutated."""
+    """Build every cluster and route; the result is never mutated.
+
+    ``rng`` only staggers round-robin start positions between processes.
+    """
     loads = loads or LoadTable()
+    rng = rng or random.Random()
     clusters: dict[str, Cluster] = {}
 
     def cluster(service_name: str, subset: str | None) -> Cluster:
@@ -134,7 +140,11 @@ def compile_snapshot(
             subset=subset,
             endpoints=members,
             balancer=make_balancer(
-                lb.policy, members, choice_count=lb.choice_count, min_ring_size=lb.min_ring_size
+                lb.policy,
+                members,
+                choice_count=lb.choice_count,
+                min_ring_size=lb.min_ring_size,
+                start=rng.randrange(1 << 30),
             ),
             lb_policy=lb.policy,
             hash_on=hash_on,

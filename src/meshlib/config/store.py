@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -33,7 +34,9 @@ class SnapshotStore:
         config: MeshConfig,
         source: str,
         registries: Mapping[str, Registry] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
+        self._rng = rng or random.Random()
         self._lock = threading.RLock()
         self._loads = LoadTable()
         self._provided = dict(registries or {})
@@ -144,6 +147,7 @@ class SnapshotStore:
             source=self.source,
             loads=self._loads,
             discovery=discovery,
+            rng=self._rng,
         )
         # only now that the build succeeded: move the subscriptions over
         for unsubscribe in self._unsubscribe:
