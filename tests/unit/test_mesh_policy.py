@@ -22,7 +22,7 @@ services:
       - {address: 127.0.0.1:8002, labels: {version: v2}, priority: 1}
     subsets: {v1: {version: v1}, v2: {version: v2}}
     load_balancer: {policy: ring_hash, hash_on: {header: x-user}}
-    circuit_breaker: {max_failures: 5}
+    circuit_breaker: {consecutive_failures: 5}
     routes:
       - name: canary
         match: {headers: {x-canary: "1"}}

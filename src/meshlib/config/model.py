@@ -14,29 +14,28 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
-    PlainSerializer,
     field_validator,
     model_validator,
 )
 
-from meshlib.config.durations import format_duration, parse_duration
+from meshlib.config.resilience_model import (
+    CircuitBreakerConfig,
+    Faults,
+    HedgingConfig,
+    InboundConfig,
+    LimitsConfig,
+    OutlierDetectionConfig,
+    RateLimitConfig,
+    RetryPolicy,
+)
+from meshlib.config.types import Duration, Strict
 from meshlib.endpoint import parse_address
 
-Duration = Annotated[
-    float,
-    BeforeValidator(parse_duration),
-    PlainSerializer(format_duration, return_type=str),
-]
 # Lowercase only: URL hosts are case-insensitive and httpx lowercases them.
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$"
 ServiceName = Annotated[str, Field(pattern=NAME_PATTERN)]
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 def _check_regex(value: str | None) -> str | None:
@@ -198,21 +197,6 @@ class HeaderActions(Strict):
         return [_header_name(name) for name in value]
 
 
-RetryOn = Literal[
-    "connect-failure", "reset", "5xx", "gateway-error", "retriable-status-codes", "timeout"
-]
-
-
-_DEFAULT_RETRY_ON: tuple[RetryOn, ...] = ("connect-failure", "gateway-error")
-
-
-class RetryPolicy(Strict):
-    attempts: int = Field(default=2, ge=1, le=10)
-    per_try_timeout: Duration | None = None
-    on: list[RetryOn] = Field(default_factory=lambda: list(_DEFAULT_RETRY_ON))
-    retriable_status_codes: list[int] = Field(default_factory=list)
-
-
 class LoadBalancerConfig(Strict):
     policy: Literal["round_robin", "random", "least_request", "ring_hash"] = "round_robin"
     choice_count: int = Field(default=2, ge=2, le=16)
@@ -236,11 +220,6 @@ class HashOn(Strict):
         return self
 
 
-# Policies that later releases enforce: accepted, validated as mappings and
-# reported as "not enforced" by `check` and `config_dump`.
-Pending = dict[str, Any]
-
-
 class RouteConfig(Strict):
     name: str | None = None
     match: RouteMatch = Field(default_factory=RouteMatch)
@@ -250,9 +229,9 @@ class RouteConfig(Strict):
     mirror: Mirror | None = None
     timeout: Duration | None = None
     retries: RetryPolicy | None = None
-    hedging: Pending | None = None
-    faults: Pending | Literal["off"] | None = None
-    rate_limit: Pending | None = None
+    hedging: HedgingConfig | None = None
+    faults: Faults | None = None
+    rate_limit: RateLimitConfig | None = None
 
     @field_validator("to")
     @classmethod
@@ -272,12 +251,13 @@ class ServiceConfig(Strict):
     routes: list[RouteConfig] = Field(default_factory=list)
     timeout: Duration | None = None
     retries: RetryPolicy | None = None
-    circuit_breaker: Pending | None = None
-    outlier_detection: Pending | None = None
-    limits: Pending | None = None
-    inbound: Pending | None = None
-    rate_limit: Pending | None = None
-    faults: Pending | Literal["off"] | None = None
+    hedging: HedgingConfig | None = None
+    circuit_breaker: CircuitBreakerConfig | None = None
+    outlier_detection: OutlierDetectionConfig | None = None
+    limits: LimitsConfig | None = None
+    inbound: InboundConfig | None = None
+    rate_limit: RateLimitConfig | None = None
+    faults: Faults | None = None
 
     @model_validator(mode="after")
     def _endpoints_or_discovery(self) -> ServiceConfig:
@@ -290,10 +270,12 @@ class Defaults(Strict):
     timeout: Duration | None = None
     retries: RetryPolicy | None = None
     load_balancer: LoadBalancerConfig | None = None
-    circuit_breaker: Pending | None = None
-    outlier_detection: Pending | None = None
-    limits: Pending | None = None
-    faults: Pending | Literal["off"] | None = None
+    hedging: HedgingConfig | None = None
+    circuit_breaker: CircuitBreakerConfig | None = None
+    outlier_detection: OutlierDetectionConfig | None = None
+    limits: LimitsConfig | None = None
+    rate_limit: RateLimitConfig | None = None
+    faults: Faults | None = None
 
 
 _DEFAULT_MIRROR_TIMEOUT: Any = "5s"  # validated like a policy value
