@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import httpx
+
 
 class MeshError(Exception):
     """Base class of every error the mesh raises."""
@@ -47,3 +49,31 @@ class NoHealthyEndpointError(MeshError):
 
 class UnknownServiceError(MeshError):
     """A name was asked for that the mesh does not know."""
+
+
+class DeadlineExceeded(MeshError, httpx.TimeoutException):
+    """A mesh timeout fired; the message says which one (route timeout or per-try).
+
+    Also an ``httpx.TimeoutException``, so code that handles httpx timeouts keeps working.
+    """
+
+    def __init__(self, message: str, *, limit: str, seconds: float) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.seconds = seconds
+
+
+class CircuitOpenError(MeshError):
+    """Every endpoint's breaker (or the cluster's) is open: failing fast."""
+
+
+class OverloadedError(MeshError):
+    """A concurrency limit (bulkhead) of the cluster is full; the call was not queued."""
+
+
+class RateLimitedError(MeshError):
+    """The client-side rate limit of the service or route has no tokens left."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

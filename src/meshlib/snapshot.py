@@ -12,6 +12,8 @@ from typing import Any
 
 from meshlib.balancing import Balancer
 from meshlib.endpoint import Endpoint
+from meshlib.resilience.guard import ServiceGuard
+from meshlib.resilience.policy import RoutePolicy
 from meshlib.routing.match import RouteMatcher
 
 
@@ -26,6 +28,7 @@ class Cluster:
     balancer: Balancer
     lb_policy: str
     hash_on: tuple[str, str] | None = None
+    guard: ServiceGuard | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,7 @@ class RouteAction:
     header_ops: HeaderOps | None = None
     mirror: MirrorAction | None = None
     timeout: float | None = None
+    policy: RoutePolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ services:
         rewrite: {prefix: /v1/}
         to: [{subset: v1, weight: 90}, {subset: v2, weight: 10}]
         mirror: {subset: v2, percent: 5}
+    inbound: {jwt: [{issuer: https://issuer.example}]}
 """
 
 
@@ -82,10 +83,7 @@ def test_config_dump_is_json_and_reports_not_enforced(policy_file: Path) -> None
         assert dump["version"] == 1
         assert dump["source"] == str(policy_file)
         assert dump["last_error"] is None
-        assert set(dump["not_enforced"]) == {
-            "defaults.retries",
-            "services.users.circuit_breaker",
-        }
+        assert dump["not_enforced"] == ["services.users.inbound.jwt"]
         assert dump["clusters"]["users/v1"]["load_balancer"] == "ring_hash"
         assert dump["routes"]["users"][1]["to"] == {"users/v1": 90, "users/v2": 10}
         assert dump["policy"]["defaults"]["timeout"] == "2s"
@@ -101,7 +99,7 @@ def test_explain_names_route_reasons_and_endpoint(policy_file: Path) -> None:
         assert result["mirror"] == {"cluster": "users/v2", "percent": 5.0}
         assert result["timeout"] == 2.0
         assert result["endpoint"] in {c["address"] for c in result["candidates"]}
-        assert "services.users.circuit_breaker" in result["not_enforced"]
+        assert result["not_enforced"] == ["services.users.inbound.jwt"]
         json.dumps(result)
         assert mesh.explain("GET", "http://example.com/")["service"] is None
 
@@ -112,7 +110,7 @@ def test_cli_check_ok_prints_summary(policy_file: Path, capsys: pytest.CaptureFi
     assert "service users: 2 endpoint(s), lb ring_hash" in out
     assert "route default: path prefix '/api/' → users/v1 90%, users/v2 10%" in out
     assert "rewrite /api/ → /v1/" in out and "mirror users/v2 5%" in out
-    assert "not enforced by this release (accepted, no effect yet): defaults.retries" in out
+    assert "not enforced by this release (accepted, no effect yet): services.users.inbound.jwt" in out
 
 
 def test_cli_check_bad_file_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -123,7 +121,7 @@ def test_cli_check_bad_file_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["check", str(bad)]) == 1
     err = capsys.readouterr().err
     assert f"{bad}:19: services.users.routes[1].to[0].weight:" in err
-    assert f"{bad}:21: oops: unknown key 'oops'" in err
+    assert f"{bad}:22: oops: unknown key 'oops'" in err
 
 
 def test_cli_explain(policy_file: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import Any
 
 from meshlib.balancing import make_balancer
+from meshlib.config.compile_resilience import first_set, route_policy, service_guard
 from meshlib.config.model import (
     Destination,
     LoadBalancerConfig,
@@ -21,6 +22,8 @@ from meshlib.config.model import (
     ValueMatch,
 )
 from meshlib.endpoint import Endpoint, EndpointLoad, parse_address
+from meshlib.resilience.guard import ServiceGuard
+from meshlib.resilience.state import StateTable
 from meshlib.routing.match import RouteMatcher, ValueMatcher
 from meshlib.snapshot import (
     Cluster,
@@ -33,18 +36,8 @@ from meshlib.snapshot import (
     WeightedSplit,
 )
 
-# Policy fields accepted now and enforced by later releases, with what enforces them.
-_PENDING_SERVICE = (
-    "retries",
-    "circuit_breaker",
-    "outlier_detection",
-    "limits",
-    "inbound",
-    "rate_limit",
-    "faults",
-)
-_PENDING_ROUTE = ("retries", "hedging", "faults", "rate_limit")
-_PENDING_DEFAULTS = ("retries", "circuit_breaker", "outlier_detection", "limits", "faults")
+# Inbound policy parts accepted now and enforced by the security release.
+_PENDING_INBOUND = ("mtls", "jwt", "authz")
 
 
 class LoadTable:
@@ -82,20 +75,13 @@ def static_endpoints(service: ServiceConfig) -> tuple[Endpoint, ...]:
 def not_enforced(config: MeshConfig) -> tuple[str, ...]:
     """Field paths that are set in the policy but not enforced by this release."""
     found = ["trust_domain"] if "trust_domain" in config.model_fields_set else []
-    found += [
-        f"defaults.{name}"
-        for name in _PENDING_DEFAULTS
-        if getattr(config.defaults, name) is not None
-    ]
     for name, service in config.services.items():
-        found += [
-            f"services.{name}.{f}" for f in _PENDING_SERVICE if getattr(service, f) is not None
-        ]
-        for index, route in enumerate(service.routes):
+        inbound = service.inbound
+        if inbound is not None:
             found += [
-                f"services.{name}.routes[{index}].{f}"
-                for f in _PENDING_ROUTE
-                if getattr(route, f) is not None
+                f"services.{name}.inbound.{field}"
+                for field in _PENDING_INBOUND
+                if getattr(inbound, field) is not None
             ]
     return tuple(found)
 
@@ -109,14 +95,33 @@ def compile_snapshot(
     loads: LoadTable | None = None,
     discovery: Mapping[str, Any] | None = None,
     rng: random.Random | None = None,
+    state: StateTable | None = None,
 ) -> Snapshot:
     """Build every cluster and route; the result is never mutated.
 
-    ``rng`` only staggers round-robin start positions between processes.
+    ``rng`` staggers round-robin start positions and drives outlier
+    enforcement draws; ``state`` keeps breakers, budgets and buckets across
+    compiles when their policy is unchanged.
     """
     loads = loads or LoadTable()
     rng = rng or random.Random()
+    state = state or StateTable()
+    state.begin()
     clusters: dict[str, Cluster] = {}
+    guards: dict[str, ServiceGuard | None] = {}
+
+    def guard_of(service_name: str) -> ServiceGuard | None:
+        if service_name not in guards:
+            addresses = [ep.address for ep in endpoints.get(service_name, ())]
+            guards[service_name] = service_guard(
+                service_name,
+                config.services[service_name],
+                config.defaults,
+                addresses,
+                state,
+                rng,
+            )
+        return guards[service_name]
 
     def cluster(service_name: str, subset: str | None) -> Cluster:
         key = service_name if subset is None else f"{service_name}/{subset}"
@@ -148,6 +153,7 @@ def compile_snapshot(
             ),
             lb_policy=lb.policy,
             hash_on=hash_on,
+            guard=guard_of(service_name),
         )
         clusters[key] = built
         return built
@@ -159,10 +165,11 @@ def compile_snapshot(
             cluster(name, subset)
         route_configs = service.routes or [RouteConfig(name="default")]
         routes = tuple(
-            _route(name, index, route, config, service, cluster)
+            _route(name, index, route, config, service, cluster, state)
             for index, route in enumerate(route_configs)
         )
         services[name] = VirtualService(name, routes)
+    state.sweep()
 
     return Snapshot(
         version=version,
@@ -183,6 +190,7 @@ def _route(
     config: MeshConfig,
     service: ServiceConfig,
     cluster: Any,
+    state: StateTable,
 ) -> Route:
     def target(dest: Destination) -> Cluster:
         return cluster(dest.service or owner, dest.subset)  # type: ignore[no-any-return]
@@ -204,13 +212,15 @@ def _route(
         mirror_dest = Destination(service=route.mirror.service, subset=route.mirror.subset)
         mirror = MirrorAction(target(mirror_dest), route.mirror.percent / 100.0)
     rewrite = route.rewrite
+    route_name = route.name or f"route-{index}"
     action = RouteAction(
         split=split,
         prefix_rewrite=rewrite.prefix if rewrite else None,
         host_rewrite=rewrite.host if rewrite else None,
         header_ops=header_ops,
         mirror=mirror,
-        timeout=_first_set(route.timeout, service.timeout, config.defaults.timeout),
+        timeout=first_set(route.timeout, service.timeout, config.defaults.timeout),
+        policy=route_policy(owner, route_name, route, service, config.defaults, state),
     )
     match = route.match
     path = None
@@ -229,15 +239,7 @@ def _route(
         headers=tuple((name, _value_matcher(m)) for name, m in match.headers.items()),
         query=tuple((name, _value_matcher(m)) for name, m in match.query.items()),
     )
-    return Route(route.name or f"route-{index}", index, matcher, action, match_prefix)
-
-
-def _first_set(*values: float | None) -> float | None:
-    """The most specific timeout that is set; ``0s`` means no timeout."""
-    for value in values:
-        if value is not None:
-            return value or None
-    return None
+    return Route(route_name, index, matcher, action, match_prefix)
 
 
 def _value_matcher(match: ValueMatch) -> ValueMatcher:

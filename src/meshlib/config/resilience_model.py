@@ -114,6 +114,9 @@ class OutlierDetectionConfig(Strict):
     base_ejection_time: Duration = Field(default=_D30S, gt=0)
     max_ejection_time: Duration = Field(default=_D300S, gt=0)
     max_ejection_percent: float = Field(default=10.0, ge=0, le=100)
+    # Envoy ejects nobody from fewer than 10 hosts at 10%; small fleets are the
+    # common case in-process, so one host may always be ejected unless this is off
+    always_eject_one_host: bool = True
     success_rate: SuccessRateConfig | None = None
     failure_percentage: FailurePercentageConfig | None = None
     panic_threshold: float = Field(default=50.0, ge=0, le=100)

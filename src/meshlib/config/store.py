@@ -21,6 +21,7 @@ from meshlib.discovery.base import Registry
 from meshlib.discovery.file import FileRegistry
 from meshlib.endpoint import Endpoint
 from meshlib.errors import ConfigError, PolicyIssue
+from meshlib.resilience.state import StateTable
 from meshlib.snapshot import Snapshot
 
 log = logging.getLogger("meshlib.config")
@@ -39,6 +40,7 @@ class SnapshotStore:
         self._rng = rng or random.Random()
         self._lock = threading.RLock()
         self._loads = LoadTable()
+        self._state = StateTable()
         self._provided = dict(registries or {})
         self._registries: dict[str, Registry] = {}
         self._unsubscribe: list[Callable[[], None]] = []
@@ -148,6 +150,7 @@ class SnapshotStore:
             loads=self._loads,
             discovery=discovery,
             rng=self._rng,
+            state=self._state,
         )
         # only now that the build succeeded: move the subscriptions over
         for unsubscribe in self._unsubscribe:

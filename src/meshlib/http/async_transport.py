@@ -21,6 +21,7 @@ from yarl import URL
 from meshlib.endpoint import Endpoint
 from meshlib.http.errors import aiohttp_errors
 from meshlib.http.plan import Plan, mirror_plan, plan_request
+from meshlib.http.resilient import run_async
 from meshlib.http.sync_transport import mirror_body
 from meshlib.routing.decide import pick_endpoint
 from meshlib.routing.request import RequestView
@@ -99,11 +100,15 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             return await self._passthrough.handle_async_request(request)
         if plan.decision.mirror is not None:
             self._start_mirror(plan, request)
-        return await self._send(request, plan.decision.endpoint, plan, _body_of(request))
+        if plan.resilient:
+            return await run_async(self, request, plan)
+        return await self._send(request, plan.decision.endpoint, plan)
 
     async def _send(
-        self, request: httpx.Request, endpoint: Endpoint, plan: Plan, body: Any
+        self, request: httpx.Request, endpoint: Endpoint, plan: Plan, body: Any = None
     ) -> httpx.Response:
+        if body is None:
+            body = _body_of(request)
         session = self._get_session()
         path, _, query = plan.target.decode("ascii").partition("?")
         url = URL.build(

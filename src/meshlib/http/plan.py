@@ -18,7 +18,7 @@ HOST = b"host"
 class Plan:
     """One request's decision plus the bytes to put on the wire."""
 
-    __slots__ = ("decision", "headers", "target", "timeout")
+    __slots__ = ("decision", "headers", "resilient", "target", "timeout")
 
     def __init__(
         self,
@@ -26,11 +26,14 @@ class Plan:
         headers: list[tuple[bytes, bytes]],
         target: bytes,
         timeout: float | None,
+        resilient: bool = False,
     ) -> None:
         self.decision = decision
         self.headers = headers
         self.target = target
         self.timeout = timeout
+        # route or service has resilience policy: the call goes through the attempt loop
+        self.resilient = resilient
 
 
 def plan_request(snapshot: Snapshot, request: httpx.Request, rng: random.Random) -> Plan | None:
@@ -52,7 +55,8 @@ def plan_request(snapshot: Snapshot, request: httpx.Request, rng: random.Random)
     headers = request.headers.raw
     if action.header_ops is not None or action.host_rewrite is not None:
         headers = rewrite_headers(headers, action.header_ops, action.host_rewrite)
-    return Plan(decision, headers, decision.target.encode("ascii"), action.timeout)
+    resilient = action.policy is not None or decision.cluster.guard is not None
+    return Plan(decision, headers, decision.target.encode("ascii"), action.timeout, resilient)
 
 
 def rewrite_headers(

@@ -15,6 +15,7 @@ import httpx
 from meshlib.endpoint import Endpoint
 from meshlib.http.errors import httpcore_errors
 from meshlib.http.plan import Plan, mirror_plan, plan_request, timeout_extension
+from meshlib.http.resilient import run_sync
 from meshlib.routing.decide import pick_endpoint
 from meshlib.routing.request import RequestView
 
@@ -75,16 +76,24 @@ class MeshTransport(httpx.BaseTransport):
             return self._passthrough.handle_request(request)
         if plan.decision.mirror is not None:
             self._mirror.submit(self, plan, request)
+        if plan.resilient:
+            return run_sync(self, request, plan)
         return self._send(request, plan.decision.endpoint, plan)
 
-    def _send(self, request: httpx.Request, endpoint: Endpoint, plan: Plan) -> httpx.Response:
+    def _send(
+        self,
+        request: httpx.Request,
+        endpoint: Endpoint,
+        plan: Plan,
+        content: bytes | None = None,
+    ) -> httpx.Response:
         core_request = httpcore.Request(
             method=request.method,
             url=httpcore.URL(
                 scheme=b"http", host=endpoint.host, port=endpoint.port, target=plan.target
             ),
             headers=plan.headers,
-            content=request.stream,
+            content=request.stream if content is None else content,
             extensions=_extensions(request, plan),
         )
         load = endpoint.load

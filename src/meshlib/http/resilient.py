@@ -1,0 +1,174 @@
+"""The attempt loops of the httpx transports: thin drivers around CallControl.
+
+Everything that is decided (which endpoint, which limit, retry or not) is
+decided by `meshlib.resilience.attempts.CallControl`; these loops only wait,
+send and report. The sync and async loops mirror each other line by line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import TYPE_CHECKING
+
+import httpx
+
+from meshlib.endpoint import Endpoint
+from meshlib.errors import OverloadedError
+from meshlib.http.plan import Plan
+from meshlib.resilience.attempts import Attempt, CallControl
+from meshlib.resilience.faults import Fault, decide_fault
+from meshlib.resilience.limits import Bulkhead
+from meshlib.routing.decide import pick_endpoint
+from meshlib.routing.request import RequestView
+
+if TYPE_CHECKING:
+    from meshlib.http.async_transport import AsyncMeshTransport
+    from meshlib.http.sync_transport import MeshTransport
+
+ATTEMPT_HEADER = b"x-mesh-attempt"
+TIMEOUT_HEADER = b"x-mesh-timeout-ms"
+FAULT_HEADER = b"x-mesh-fault"
+
+
+def _control(
+    plan: Plan, request: httpx.Request, rng: random.Random
+) -> tuple[CallControl, bytes | None]:
+    decision = plan.decision
+    policy = decision.route.action.policy
+    assert policy is not None
+    body = None
+    replayable = True
+    if policy.retry is not None:
+        try:
+            content = request.content
+        except httpx.RequestNotRead:  # a streamed body cannot be replayed
+            replayable = False
+        else:
+            replayable = len(content) <= policy.retry.max_body_bytes
+            body = content if replayable else None
+    path, _, query = decision.target.partition("?")
+    view = RequestView(request.method, path, query, request.headers)
+    cluster = decision.cluster
+
+    def pick(avoid: frozenset[str]) -> Endpoint:
+        return pick_endpoint(cluster, view, rng, avoid)
+
+    control = CallControl(
+        decision.service.name,
+        policy,
+        cluster.guard,
+        pick,
+        method=request.method,
+        replayable=replayable,
+        clock=time.monotonic,
+        rng=rng,
+    )
+    return control, body
+
+
+def _attempt_plan(plan: Plan, attempt: Attempt) -> Plan:
+    headers = [*plan.headers, (ATTEMPT_HEADER, str(attempt.number).encode())]
+    if attempt.timeout is not None:
+        headers.append((TIMEOUT_HEADER, str(max(1, int(attempt.timeout * 1000))).encode()))
+    return Plan(plan.decision, headers, plan.target, attempt.timeout)
+
+
+def _fault(plan: Plan, request: httpx.Request, rng: random.Random) -> Fault | None:
+    policy = plan.decision.route.action.policy
+    if policy is None or policy.faults is None:
+        return None
+    return decide_fault(policy.faults, request.headers, rng)
+
+
+def _bulkhead(control: CallControl) -> tuple[Bulkhead | None, float]:
+    guard = control.guard
+    if guard is None:
+        return None, 0.0
+    return guard.bulkhead, guard.pending_timeout
+
+
+def _fault_response(status: int) -> httpx.Response:
+    return httpx.Response(status, headers=[(FAULT_HEADER, b"abort")], content=b"fault injected")
+
+
+def run_sync(transport: MeshTransport, request: httpx.Request, plan: Plan) -> httpx.Response:
+    """Timeouts, retries, budget, breakers, limits and faults around sync sends."""
+    control, body = _control(plan, request, transport._rng)
+    control.admit()
+    bulkhead, wait = _bulkhead(control)
+    if bulkhead is not None and not bulkhead.enter_sync(wait):
+        raise OverloadedError(_overflow(control))
+    try:
+        fault = _fault(plan, request, transport._rng)
+        if fault is not None:
+            if fault.delay:
+                time.sleep(fault.delay)
+            if fault.abort_status is not None:
+                return _fault_response(fault.abort_status)
+        attempt = control.first(plan.decision.endpoint)
+        while True:
+            if attempt.delay:
+                time.sleep(attempt.delay)
+            try:
+                response = transport._send(
+                    request, attempt.endpoint, _attempt_plan(plan, attempt), body
+                )
+            except httpx.TransportError as exc:
+                attempt = control.on_error(attempt, exc)
+                continue
+            following = control.on_status(attempt, response.status_code)
+            if following is None:
+                return response
+            response.close()
+            attempt = following
+    finally:
+        control.finish()
+        if bulkhead is not None:
+            bulkhead.exit()
+
+
+async def run_async(
+    transport: AsyncMeshTransport, request: httpx.Request, plan: Plan
+) -> httpx.Response:
+    """The async twin of run_sync."""
+    control, body = _control(plan, request, transport._rng)
+    control.admit()
+    bulkhead, wait = _bulkhead(control)
+    if bulkhead is not None and not await bulkhead.enter_async(wait):
+        raise OverloadedError(_overflow(control))
+    try:
+        fault = _fault(plan, request, transport._rng)
+        if fault is not None:
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault.abort_status is not None:
+                return _fault_response(fault.abort_status)
+        attempt = control.first(plan.decision.endpoint)
+        while True:
+            if attempt.delay:
+                await asyncio.sleep(attempt.delay)
+            try:
+                response = await transport._send(
+                    request, attempt.endpoint, _attempt_plan(plan, attempt), body
+                )
+            except httpx.TransportError as exc:
+                attempt = control.on_error(attempt, exc)
+                continue
+            following = control.on_status(attempt, response.status_code)
+            if following is None:
+                return response
+            await response.aclose()
+            attempt = following
+    finally:
+        control.finish()
+        if bulkhead is not None:
+            bulkhead.exit()
+
+
+def _overflow(control: CallControl) -> str:
+    return (
+        f"concurrency limit of {control.service!r} reached (limits.max_requests and "
+        "max_pending are full); the call was rejected instead of queued"
+    )

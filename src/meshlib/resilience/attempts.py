@@ -1,0 +1,196 @@
+"""The sans-I/O state of one resilient call: which attempt runs next, where,
+with which time limit, and whether a failure may be retried.
+
+Both drivers (sync and async) feed it outcomes and obey its answers; neither
+makes a decision of its own, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from meshlib.endpoint import Endpoint
+from meshlib.errors import CircuitOpenError, DeadlineExceeded, RateLimitedError
+from meshlib.resilience.guard import ServiceGuard
+from meshlib.resilience.outcome import TIMEOUT, error_kind
+from meshlib.resilience.policy import RoutePolicy
+
+Pick = Callable[[frozenset[str]], Endpoint]
+
+
+class Attempt:
+    """One try: the endpoint, its number (1-based), its time limit and the wait before it."""
+
+    __slots__ = ("delay", "endpoint", "limit", "number", "started", "timeout")
+
+    def __init__(
+        self, endpoint: Endpoint, number: int, timeout: float | None, limit: str, delay: float
+    ) -> None:
+        self.endpoint = endpoint
+        self.number = number
+        self.timeout = timeout
+        self.limit = limit
+        self.delay = delay
+        self.started = 0.0
+
+
+class CallControl:
+    """Decides the attempts of one call; ``clock`` is monotonic seconds."""
+
+    __slots__ = (
+        "_clock",
+        "_holds_retry_slot",
+        "_pick",
+        "_rng",
+        "_tried",
+        "deadline",
+        "guard",
+        "method",
+        "policy",
+        "replayable",
+        "retried",
+        "service",
+    )
+
+    def __init__(
+        self,
+        service: str,
+        policy: RoutePolicy,
+        guard: ServiceGuard | None,
+        pick: Pick,
+        *,
+        method: str,
+        replayable: bool,
+        clock: Callable[[], float],
+        rng: random.Random,
+    ) -> None:
+        self.service = service
+        self.policy = policy
+        self.guard = guard
+        self._pick = pick
+        self.method = method
+        self.replayable = replayable
+        self._clock = clock
+        self._rng = rng
+        self._tried: set[str] = set()
+        self._holds_retry_slot = False
+        self.retried = 0
+        timeout = policy.timeout
+        self.deadline = clock() + timeout if timeout else None
+
+    # -- first attempt ----------------------------------------------------------
+
+    def admit(self) -> None:
+        """Checks before anything is sent: rate limit, budget deposit, service breaker."""
+        policy = self.policy
+        if policy.rate_limit is not None and not policy.rate_limit.try_acquire():
+            wait = policy.rate_limit.retry_after()
+            raise RateLimitedError(
+                f"client-side rate limit of {self.service!r} route {policy.name!r} exceeded; "
+                f"retry in {wait:.3f}s or raise `rate_limit.requests_per_second`",
+                retry_after=wait,
+            )
+        if policy.budget is not None:
+            policy.budget.record_request()
+        if self.guard is not None:
+            self.guard.check_cluster()
+
+    def first(self, endpoint: Endpoint) -> Attempt:
+        """The first attempt, moved off an endpoint whose breaker refuses it."""
+        endpoint = self._usable(endpoint)
+        return self._attempt(endpoint, 1, 0.0)
+
+    # -- outcomes -----------------------------------------------------------------
+
+    def on_status(self, attempt: Attempt, status: int) -> Attempt | None:
+        """The next attempt after a response, or None to hand this response back."""
+        self._record(attempt, status, None)
+        retry = self.policy.retry
+        if retry is None or not retry.retries_status(status):
+            return None
+        return self._next(attempt)
+
+    def on_error(self, attempt: Attempt, exc: BaseException) -> Attempt:
+        """The next attempt after a transport error, or raise the error to give up."""
+        kind = error_kind(exc)
+        self._record(attempt, None, kind)
+        retry = self.policy.retry
+        if retry is not None and retry.retries_error(kind, exc):
+            following = self._next(attempt)
+            if following is not None:
+                return following
+        if kind == TIMEOUT and attempt.timeout is not None:
+            raise DeadlineExceeded(
+                f"{attempt.limit} of {attempt.timeout:g}s fired calling {self.service!r} "
+                f"(attempt {attempt.number}, endpoint {attempt.endpoint.address})",
+                limit=attempt.limit,
+                seconds=attempt.timeout,
+            ) from exc
+        raise exc
+
+    def finish(self) -> None:
+        """Release what the call held (retry slot of the bulkhead)."""
+        if self._holds_retry_slot and self.guard is not None and self.guard.bulkhead is not None:
+            self.guard.bulkhead.exit_retry()
+            self._holds_retry_slot = False
+
+    # -- internals ----------------------------------------------------------------
+
+    def _record(self, attempt: Attempt, status: int | None, error: str | None) -> None:
+        self._tried.add(attempt.endpoint.address)
+        if self.guard is not None:
+            self.guard.record(attempt.endpoint.address, status, error)
+
+    def _next(self, attempt: Attempt) -> Attempt | None:
+        retry = self.policy.retry
+        assert retry is not None
+        if attempt.number >= retry.attempts or not self.replayable:
+            return None
+        if not retry.allows_method(self.method):
+            return None
+        budget = self.policy.budget
+        if budget is not None and not budget.try_acquire_retry():
+            return None
+        guard = self.guard
+        if guard is not None and guard.bulkhead is not None and not self._holds_retry_slot:
+            if not guard.bulkhead.try_enter_retry():
+                return None
+            self._holds_retry_slot = True
+        delay = retry.backoff.delay(attempt.number, self._rng)
+        if self.deadline is not None and self._clock() + delay >= self.deadline:
+            return None
+        avoid = frozenset(self._tried)
+        if guard is not None:
+            avoid |= guard.unavailable()
+        try:
+            endpoint = self._usable(self._pick(avoid))
+        except CircuitOpenError:
+            return None
+        self.retried += 1
+        return self._attempt(endpoint, attempt.number + 1, delay)
+
+    def _usable(self, endpoint: Endpoint) -> Endpoint:
+        guard = self.guard
+        if guard is None or guard.allow_endpoint(endpoint.address):
+            return endpoint
+        avoid = {endpoint.address} | guard.unavailable() | self._tried
+        for _ in range(3):
+            candidate = self._pick(frozenset(avoid))
+            if candidate.address not in avoid and guard.allow_endpoint(candidate.address):
+                return candidate
+            avoid.add(candidate.address)
+        raise CircuitOpenError(
+            f"every endpoint of {self.service!r} has an open circuit breaker; failing fast "
+            "until one half-opens (see `explain` for breaker states)"
+        )
+
+    def _attempt(self, endpoint: Endpoint, number: int, delay: float) -> Attempt:
+        retry = self.policy.retry
+        per_try = retry.per_try_timeout if retry is not None else None
+        timeout, limit = per_try, "per-try timeout"
+        if self.deadline is not None:
+            remaining = self.deadline - self._clock() - delay
+            if per_try is None or remaining < per_try:
+                timeout, limit = max(remaining, 0.001), "route timeout"
+        return Attempt(endpoint, number, timeout, limit, delay)

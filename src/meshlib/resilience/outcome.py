@@ -1,0 +1,36 @@
+"""Classifying what happened to one attempt, the same way for every adapter."""
+
+from __future__ import annotations
+
+import httpx
+
+CONNECT_FAILURE = "connect-failure"
+RESET = "reset"
+TIMEOUT = "timeout"
+OTHER = "other"
+
+GATEWAY_STATUSES = frozenset({502, 503, 504})
+
+
+def error_kind(exc: BaseException) -> str:
+    """connect-failure / reset / timeout / other, for retry and outlier decisions."""
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        # a connect timeout never reached the server: safe to treat as a connect failure
+        if isinstance(exc, httpx.ConnectTimeout):
+            return CONNECT_FAILURE
+        return TIMEOUT
+    if isinstance(exc, httpx.ConnectError | ConnectionRefusedError):
+        return CONNECT_FAILURE
+    if isinstance(
+        exc,
+        httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError | ConnectionResetError,
+    ):
+        return RESET
+    if isinstance(exc, httpx.NetworkError | ConnectionError):
+        return CONNECT_FAILURE
+    return OTHER
+
+
+def is_failure_status(status: int) -> bool:
+    """What breakers and outlier detection count as a failure of the endpoint."""
+    return status >= 500
