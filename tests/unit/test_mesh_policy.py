@@ -110,7 +110,7 @@ def test_cli_check_ok_prints_summary(policy_file: Path, capsys: pytest.CaptureFi
     assert "service users: 2 endpoint(s), lb ring_hash" in out
     assert "route default: path prefix '/api/' → users/v1 90%, users/v2 10%" in out
     assert "rewrite /api/ → /v1/" in out and "mirror users/v2 5%" in out
-    assert "not enforced by this release (accepted, no effect yet): services.users.inbound.jwt" in out
+    assert "(accepted, no effect yet): services.users.inbound.jwt" in out
 
 
 def test_cli_check_bad_file_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
