@@ -2,21 +2,25 @@
 
 Usage::
 
-    .venv/bin/python bench/run.py          # full run, ~90 s: bench/results/latest.json
-    .venv/bin/python bench/run.py --quick  # smoke run, ~16 s: bench/results/quick.json
+    .venv/bin/python bench/run.py          # full run, ~2 min: bench/results/latest.json
+    .venv/bin/python bench/run.py --quick  # smoke run, ~25 s: bench/results/quick.json
 
 One uvicorn server (bench/server.py: uvloop + httptools, answers 200 ``ok``)
 runs in a subprocess on an ephemeral loopback port, so its CPU is not counted
 in this process. Every comparison is paired: the clients being compared run
 in the same process, interleaved in rounds with their order alternating, so
 that the machine's noise hits them alike; the report gives medians over rounds
-and per-round differences and ratios. See docs/benchmarks.md.
+and per-round differences and ratios. A second mesh, ``mesh_resilience``, has
+the same routes plus a full resilience policy (timeout, retries, breakers,
+outlier detection, limits, rate limit), so that its difference from ``mesh``
+is what the resilience layer costs a successful request. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import datetime
 import gc
 import http.client
@@ -44,7 +48,9 @@ import httpx
 from meshlib import Mesh
 from meshlib.balancing import make_balancer
 from meshlib.endpoint import Endpoint
-from meshlib.http.plan import plan_request
+from meshlib.http.plan import Plan, plan_request
+from meshlib.http.resilient import run_sync
+from meshlib.resilience.attempts import CallControl
 from meshlib.routing.decide import decide, find_route, pick_cluster, pick_endpoint
 from meshlib.routing.request import RequestView
 
@@ -60,7 +66,10 @@ LB_POLICIES = ("round_robin", "random", "least_request", "ring_hash")
 TARGET_DECISION_US = 15.0
 TARGET_SYNC_P50_DELTA_US = 25.0
 TARGET_ASYNC_RATIO = 5.0
+TARGET_RESILIENCE_CPU_US = 10.0  # what the resilience layer may add per successful request
 SIDECAR_HOP_P50_US = 110.0  # one HAProxy sidecar hop on this machine class (notes)
+# The clients of the sync and async comparisons, as they are printed.
+LABELS = {"mesh_resilience": "mesh+resilience"}
 # CPU used by other processes during a phase, in CPUs (0.1 = 10 % of one vCPU on
 # average): above this the phase shared the machine and its figures are suspect.
 BUSY_OTHER_CPUS = 0.1
@@ -274,6 +283,32 @@ def bench_policy(port: int) -> dict[str, Any]:
     }
 
 
+# The resilience policy of the ``mesh_resilience`` variant: every block enabled, with
+# values a real service would use; none of them ever triggers against the bench server.
+RESILIENCE_SERVICE: dict[str, Any] = {
+    "timeout": "2s",
+    "retries": {
+        "attempts": 3,
+        "per_try_timeout": "500ms",
+        "on": ["5xx", "connect-failure", "reset"],
+    },  # default budget: 20 % of requests + 10 retries/s
+    "circuit_breaker": {},  # per endpoint and per service, 5 consecutive failures
+    "outlier_detection": {},  # consecutive 5xx / gateway / connect failures
+    "limits": {"max_requests": 1000},
+}
+RESILIENCE_ROUTE_RATE_LIMIT: dict[str, Any] = {"requests_per_second": 1e9}  # never triggers
+
+
+def resilience_policy(port: int) -> dict[str, Any]:
+    """``bench_policy`` plus the full resilience policy on service ``bench``; the route
+    that the bench request matches (the last one) also gets a rate limit."""
+    policy = copy.deepcopy(bench_policy(port))
+    service = policy["services"][SERVICE]
+    service.update(copy.deepcopy(RESILIENCE_SERVICE))
+    service["routes"][-1]["rate_limit"] = dict(RESILIENCE_ROUTE_RATE_LIMIT)
+    return policy
+
+
 # -- statistics ------------------------------------------------------------------------
 
 
@@ -318,6 +353,30 @@ def aggregate(rounds: list[dict[str, dict[str, float]]], names: Sequence[str]) -
     return out
 
 
+def paired_delta(
+    rounds: list[dict[str, dict[str, float]]], a: str, b: str, metrics: Sequence[str]
+) -> dict[str, Any]:
+    """``a - b``: the median of the per-round differences of each metric, and the
+    per-round differences themselves (``<metric>_rounds``)."""
+    out: dict[str, Any] = {}
+    for m in metrics:
+        diffs = [r[a][m] - r[b][m] for r in rounds]
+        out[m] = med(diffs)
+        out[f"{m}_rounds"] = diffs
+    return out
+
+
+def rotated(names: Sequence[str], r: int) -> list[str]:
+    """The client order of round ``r``: rotated by one each round and reversed every
+    other round, so that over ``2 * len(names)`` rounds each client runs in each
+    position, before and after each other client, alike."""
+    shift = r % len(names)
+    order = list(names[shift:]) + list(names[:shift])
+    if r % 2:
+        order.reverse()
+    return order
+
+
 # -- 1. sync ---------------------------------------------------------------------------
 
 
@@ -339,21 +398,23 @@ def sync_block(client: httpx.Client, url: str, n: int) -> Block:
     return Block(n, wall, cpu, latencies)
 
 
-def bench_sync(mesh: Mesh, port: int, s: Settings) -> dict[str, Any]:
+def bench_sync(mesh: Mesh, resilient: Mesh, port: int, s: Settings) -> dict[str, Any]:
     raw_url = f"http://127.0.0.1:{port}/"
     with (
         httpx.Client(trust_env=False) as raw,
         mesh.http_client() as meshed,
+        resilient.http_client() as meshed_resilient,
     ):
         clients: dict[str, tuple[httpx.Client, str]] = {
             "raw_httpx": (raw, raw_url),
             "mesh": (meshed, MESH_URL),
+            "mesh_resilience": (meshed_resilient, MESH_URL),
         }
         for client, url in clients.values():
             sync_block(client, url, s.sync_warmup)
         rounds: list[dict[str, dict[str, float]]] = []
         for r in range(s.sync_rounds):
-            order = list(clients) if r % 2 == 0 else list(reversed(clients))
+            order = rotated(list(clients), r)
             result = {}
             for name in order:
                 client, url = clients[name]
@@ -368,6 +429,10 @@ def bench_sync(mesh: Mesh, port: int, s: Settings) -> dict[str, Any]:
     out["delta_p50_us"] = med([r["mesh"]["p50_us"] - r["raw_httpx"]["p50_us"] for r in rounds])
     out["delta_p99_us"] = med([r["mesh"]["p99_us"] - r["raw_httpx"]["p99_us"] for r in rounds])
     out["delta_cpu_us"] = med([r["mesh"]["cpu_us"] - r["raw_httpx"]["cpu_us"] for r in rounds])
+    metrics = ("p50_us", "p99_us", "cpu_us")
+    # the resilience layer alone, and mesh+resilience against no mesh at all
+    out["resilience_vs_mesh"] = paired_delta(rounds, "mesh_resilience", "mesh", metrics)
+    out["resilience_vs_raw"] = paired_delta(rounds, "mesh_resilience", "raw_httpx", metrics)
     out["requests_per_round"] = s.sync_requests
     return out
 
@@ -431,17 +496,19 @@ def _transport_sender(transport: httpx.AsyncBaseTransport, request: httpx.Reques
     return send
 
 
-async def _bench_async(mesh: Mesh, port: int, s: Settings) -> dict[str, Any]:
+async def _bench_async(mesh: Mesh, resilient: Mesh, port: int, s: Settings) -> dict[str, Any]:
     raw_url = f"http://127.0.0.1:{port}/"
     async with (
         httpx.AsyncClient(trust_env=False) as default,
         mesh.async_http_client() as meshed,
+        resilient.async_http_client() as meshed_resilient,
         aiohttp.ClientSession() as session,
         mesh.async_transport() as transport,
     ):
         senders: dict[str, Send] = {
             "httpx_default": _httpx_sender(default, raw_url),
             "mesh": _httpx_sender(meshed, MESH_URL),
+            "mesh_resilience": _httpx_sender(meshed_resilient, MESH_URL),
             "aiohttp": _aiohttp_sender(session, raw_url),
             # a GET has no body, so one prebuilt request can be sent by every worker
             "mesh_transport_only": _transport_sender(
@@ -453,10 +520,7 @@ async def _bench_async(mesh: Mesh, port: int, s: Settings) -> dict[str, Any]:
         names = list(senders)
         rounds: list[dict[str, dict[str, float]]] = []
         for r in range(s.async_rounds):
-            shift = r % len(names)
-            order = names[shift:] + names[:shift]
-            if r % 2:
-                order.reverse()
+            order = rotated(names, r)
             result = {}
             for name in order:
                 block = await async_block(
@@ -474,13 +538,22 @@ async def _bench_async(mesh: Mesh, port: int, s: Settings) -> dict[str, Any]:
         [r["mesh"]["rps"] / r["httpx_default"]["rps"] for r in rounds]
     )
     out["ratio_mesh_vs_aiohttp"] = med([r["mesh"]["rps"] / r["aiohttp"]["rps"] for r in rounds])
+    out["ratio_mesh_resilience_vs_default"] = med(
+        [r["mesh_resilience"]["rps"] / r["httpx_default"]["rps"] for r in rounds]
+    )
+    out["ratio_mesh_resilience_vs_mesh"] = med(
+        [r["mesh_resilience"]["rps"] / r["mesh"]["rps"] for r in rounds]
+    )
+    metrics = ("p50_us", "p99_us", "cpu_us")
+    out["resilience_vs_mesh"] = paired_delta(rounds, "mesh_resilience", "mesh", metrics)
+    out["resilience_vs_default"] = paired_delta(rounds, "mesh_resilience", "httpx_default", metrics)
     out["concurrency"] = CONCURRENCY
     out["seconds_per_block"] = s.async_seconds
     return out
 
 
-def bench_async(mesh: Mesh, port: int, s: Settings) -> dict[str, Any]:
-    return asyncio.run(_bench_async(mesh, port, s))
+def bench_async(mesh: Mesh, resilient: Mesh, port: int, s: Settings) -> dict[str, Any]:
+    return asyncio.run(_bench_async(mesh, resilient, port, s))
 
 
 # -- 3. decision path ------------------------------------------------------------------
@@ -498,7 +571,7 @@ def lb_endpoints() -> tuple[Endpoint, ...]:
     return tuple(Endpoint(host=f"10.0.0.{i + 1}", port=8080) for i in range(LB_ENDPOINTS))
 
 
-def bench_decision(mesh: Mesh, s: Settings) -> dict[str, Any]:
+def bench_decision(mesh: Mesh, resilient: Mesh, s: Settings) -> dict[str, Any]:
     snapshot = mesh.snapshot
     service = snapshot.services[SERVICE]
     with httpx.Client(trust_env=False) as client:
@@ -550,7 +623,128 @@ def bench_decision(mesh: Mesh, s: Settings) -> dict[str, Any]:
             lb[f"{policy}_no_key"] = time_call("pick(rng)", lb_ns, n, r)
         else:
             lb[policy] = time_call("pick(rng)", lb_ns, n, r)
-    return {"calls": results, "lb_pick_10_endpoints": lb}
+    return {
+        "calls": results,
+        "lb_pick_10_endpoints": lb,
+        "resilience": bench_resilience_decision(resilient, s),
+    }
+
+
+class _NoIOTransport:
+    """Stands in for MeshTransport in ``run_sync``: every send returns one canned 200,
+    so that the timing is the attempt loop and CallControl alone."""
+
+    def __init__(self, rng: random.Random, response: httpx.Response) -> None:
+        self._rng = rng
+        self._response = response
+
+    def _send(
+        self, request: httpx.Request, endpoint: Endpoint, plan: Plan, content: bytes | None = None
+    ) -> httpx.Response:
+        return self._response
+
+
+def resilience_guard_10_hosts() -> Any:
+    """A ServiceGuard with the bench resilience blocks over 10 distinct endpoints (no
+    I/O: only its ``unavailable()`` is timed)."""
+    service = copy.deepcopy(RESILIENCE_SERVICE)
+    service["endpoints"] = [{"address": f"10.0.0.{i + 1}:8080"} for i in range(LB_ENDPOINTS)]
+    with Mesh({"services": {"ten": service}}) as ten:
+        guard = ten.snapshot.clusters["ten"].guard
+    if guard is None:
+        raise RuntimeError("the 10-host service should have a guard")
+    return guard
+
+
+def bench_resilience_decision(resilient: Mesh, s: Settings) -> dict[str, Any]:
+    """What the resilience layer does for one successful request, without I/O: the
+    CallControl protocol of a call whose first attempt answers 200, its parts, the
+    whole sync attempt loop (``run_sync``) around a send that returns at once, and the
+    guard's ``unavailable()`` (called on retries and when a breaker refuses)."""
+    snapshot = resilient.snapshot
+    with httpx.Client(trust_env=False) as client:
+        request = client.build_request("GET", MESH_URL)
+    rng = random.Random(3)
+    plan = plan_request(snapshot, request, rng)
+    if plan is None or not plan.resilient:
+        raise RuntimeError("the resilient mesh should send the bench request through run_sync")
+    decision = plan.decision
+    policy = decision.route.action.policy
+    guard = decision.cluster.guard
+    if (
+        policy is None
+        or policy.retry is None
+        or policy.budget is None
+        or policy.rate_limit is None
+        or guard is None
+        or None in (guard.breakers, guard.cluster_breaker, guard.outlier, guard.bulkhead)
+    ):
+        raise RuntimeError("the resilient mesh lacks part of its resilience policy")
+    cluster = decision.cluster
+    path, _, query = decision.target.partition("?")
+    view = RequestView(request.method, path, query, request.headers)
+
+    def pick(avoid: frozenset[str]) -> Endpoint:  # what resilient._control passes
+        return pick_endpoint(cluster, view, rng, avoid)
+
+    new_control = (
+        "CallControl(service_name, policy, guard, pick, method='GET', replayable=True, "
+        "clock=monotonic, rng=rng)"
+    )
+    ns: dict[str, Any] = {
+        "CallControl": CallControl,
+        "run_sync": run_sync,
+        "plan_request": plan_request,
+        "service_name": decision.service.name,
+        "policy": policy,
+        "guard": guard,
+        "guard10": resilience_guard_10_hosts(),
+        "pick": pick,
+        "endpoint": decision.endpoint,
+        "monotonic": time.monotonic,
+        "rng": rng,
+        "request": request,
+        "snapshot": snapshot,
+        "plan": plan,
+        "fake": _NoIOTransport(rng, httpx.Response(200)),
+    }
+    # one call's control and first attempt, for timing the parts one by one
+    control = CallControl(
+        decision.service.name,
+        policy,
+        guard,
+        pick,
+        method="GET",
+        replayable=True,
+        clock=time.monotonic,
+        rng=rng,
+    )
+    ns["control"] = control
+    ns["attempt"] = control.first(decision.endpoint)
+    n = s.timeit_calls
+    r = s.timeit_repeat
+    cases: dict[str, tuple[str, int]] = {
+        # the protocol of one successful call, as the drivers run it
+        "call_control_success": (
+            f"c = {new_control}; c.admit(); a = c.first(endpoint); c.on_status(a, 200); c.finish()",
+            n // 10,
+        ),
+        "call_control_init": (new_control, n // 5),
+        "admit": ("control.admit()", n // 5),
+        "first": ("control.first(endpoint)", n // 5),
+        "on_status_200": ("control.on_status(attempt, 200)", n // 5),
+        "finish": ("control.finish()", n),
+        # everything resilient.run_sync does around one send that answers 200
+        "run_sync_no_io": ("run_sync(fake, request, plan)", n // 10),
+        "plan_request_resilient": ("plan_request(snapshot, request, rng)", n // 10),
+        "guard_unavailable_cached": ("guard.unavailable()", n),
+        "guard_unavailable_recomputed": ("guard.invalidate(); guard.unavailable()", n // 5),
+        "guard_unavailable_recomputed_10_hosts": (
+            "guard10.invalidate(); guard10.unavailable()",
+            n // 10,
+        ),
+    }
+    return {name: time_call(stmt, ns, number, r) for name, (stmt, number) in cases.items()}
 
 
 # -- report ----------------------------------------------------------------------------
@@ -589,7 +783,37 @@ def verdicts(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "measured": round(ratio, 2),
             "met": ratio >= TARGET_ASYNC_RATIO,
         }
+    # The resilience layer per successful request: its own CPU without I/O (precise),
+    # and the paired end-to-end CPU differences mesh+resilience - mesh (noisier, but
+    # they include what the layer changes on the wire: two headers, the timeouts).
+    resilience: list[tuple[str, float | None]] = [
+        (
+            "resilience_no_io",
+            result["decision"]["resilience"]["run_sync_no_io"]["median_us"]
+            if "decision" in result
+            else None,
+        ),
+        (
+            "resilience_sync_cpu",
+            result["sync"]["resilience_vs_mesh"]["cpu_us"] if "sync" in result else None,
+        ),
+        (
+            "resilience_async_cpu",
+            result["async"]["resilience_vs_mesh"]["cpu_us"] if "async" in result else None,
+        ),
+    ]
+    for name, value in resilience:
+        if value is not None:
+            out[name] = {
+                "target": f"<= {TARGET_RESILIENCE_CPU_US:g} µs",
+                "measured": round(value, 2),
+                "met": value <= TARGET_RESILIENCE_CPU_US,
+            }
     return out
+
+
+def label(name: str) -> str:
+    return LABELS.get(name, name)
 
 
 def print_sync(sync: dict[str, Any], rounds: int) -> None:
@@ -597,17 +821,24 @@ def print_sync(sync: dict[str, Any], rounds: int) -> None:
         f"\n== 1. sync, sequential keep-alive ({rounds} rounds x "
         f"{sync['requests_per_round']} requests per client; medians over rounds)"
     )
-    print(f"{'client':<12}{'p50 µs':>10}{'p99 µs':>10}{'CPU µs/req':>12}{'req/s':>10}")
-    for name in ("raw_httpx", "mesh"):
+    print(f"{'client':<24}{'p50 µs':>10}{'p99 µs':>10}{'CPU µs/req':>12}{'req/s':>10}")
+    for name in ("raw_httpx", "mesh", "mesh_resilience"):
         m = sync[name]
         print(
-            f"{name:<12}{m['p50_us']:>10.1f}{m['p99_us']:>10.1f}{m['cpu_us']:>12.1f}"
+            f"{label(name):<24}{m['p50_us']:>10.1f}{m['p99_us']:>10.1f}{m['cpu_us']:>12.1f}"
             f"{m['rps']:>10.0f}"
         )
+    print("medians of the per-round differences:")
     print(
-        f"{'mesh - raw':<12}{sync['delta_p50_us']:>+10.1f}{sync['delta_p99_us']:>+10.1f}"
-        f"{sync['delta_cpu_us']:>+12.1f}   (medians of the per-round differences)"
+        f"{'mesh - raw':<24}{sync['delta_p50_us']:>+10.1f}{sync['delta_p99_us']:>+10.1f}"
+        f"{sync['delta_cpu_us']:>+12.1f}"
     )
+    for key, text in (
+        ("resilience_vs_mesh", "mesh+resilience - mesh"),
+        ("resilience_vs_raw", "mesh+resilience - raw"),
+    ):
+        d = sync[key]
+        print(f"{text:<24}{d['p50_us']:>+10.1f}{d['p99_us']:>+10.1f}{d['cpu_us']:>+12.1f}")
 
 
 def print_async(a: dict[str, Any], rounds: int) -> None:
@@ -615,16 +846,26 @@ def print_async(a: dict[str, Any], rounds: int) -> None:
         f"\n== 2. async, concurrency {a['concurrency']} ({rounds} rounds x "
         f"{a['seconds_per_block']:g} s per client; medians over rounds)"
     )
-    print(f"{'client':<20}{'req/s':>10}{'p50 µs':>10}{'p99 µs':>10}{'CPU µs/req':>12}")
-    for name in ("httpx_default", "mesh", "aiohttp", "mesh_transport_only"):
+    print(f"{'client':<24}{'req/s':>10}{'p50 µs':>10}{'p99 µs':>10}{'CPU µs/req':>12}")
+    for name in ("httpx_default", "mesh", "mesh_resilience", "aiohttp", "mesh_transport_only"):
         m = a[name]
         print(
-            f"{name:<20}{m['rps']:>10.0f}{m['p50_us']:>10.0f}{m['p99_us']:>10.0f}"
-            f"{m['cpu_us']:>12.0f}"
+            f"{label(name):<24}{m['rps']:>10.0f}{m['p50_us']:>10.0f}{m['p99_us']:>10.0f}"
+            f"{m['cpu_us']:>12.1f}"
         )
+    print("medians of the per-round differences:")
+    for key, text in (
+        ("resilience_vs_mesh", "mesh+resilience - mesh"),
+        ("resilience_vs_default", "mesh+resilience - dflt"),
+    ):
+        d = a[key]
+        print(f"{text:<24}{'':>10}{d['p50_us']:>+10.0f}{d['p99_us']:>+10.0f}{d['cpu_us']:>+12.1f}")
     print(
         f"mesh / httpx default: {a['ratio_mesh_vs_default']:.2f}x   "
-        f"mesh / raw aiohttp: {a['ratio_mesh_vs_aiohttp']:.2f}x   (medians of per-round ratios)"
+        f"mesh / raw aiohttp: {a['ratio_mesh_vs_aiohttp']:.2f}x   "
+        f"mesh+resilience / httpx default: {a['ratio_mesh_resilience_vs_default']:.2f}x   "
+        f"mesh+resilience / mesh: {a['ratio_mesh_resilience_vs_mesh']:.3f}x   "
+        "(medians of per-round ratios)"
     )
 
 
@@ -635,6 +876,9 @@ def print_decision(d: dict[str, Any]) -> None:
     print(f"LB pick, {LB_ENDPOINTS} endpoints:")
     for name, m in d["lb_pick_10_endpoints"].items():
         print(f"  {name:<26}{m['median_us']:>8.2f}{m['best_us']:>8.2f}")
+    print("resilience, one successful call (route policy of mesh+resilience):")
+    for name, m in d["resilience"].items():
+        print(f"  {name:<38}{m['median_us']:>8.2f}{m['best_us']:>8.2f}")
 
 
 def print_report(result: dict[str, Any]) -> None:
@@ -656,6 +900,13 @@ def print_report(result: dict[str, Any]) -> None:
     for name, v in result["targets"].items():
         status = "met" if v["met"] else "MISSED"
         print(f"{name:<24} target {v['target']:<10} measured {v['measured']:<8} {status}")
+    for phase in ("sync", "async"):
+        if phase in result:
+            diffs = result[phase]["resilience_vs_mesh"]["cpu_us_rounds"]
+            print(
+                f"{phase} CPU µs/req mesh+resilience - mesh per round: "
+                + ", ".join(f"{d:+.1f}" for d in diffs)
+            )
     if "sync" in result:
         sync = result["sync"]
         deltas = [r["mesh"]["p50_us"] - r["raw_httpx"]["p50_us"] for r in sync["rounds"]]
@@ -706,16 +957,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "versions": versions(),
         "settings": asdict(s),
+        "resilience_policy": {
+            "service": RESILIENCE_SERVICE,
+            "route_rate_limit": RESILIENCE_ROUTE_RATE_LIMIT,
+        },
     }
     with bench_server() as server:
         print(f"bench server pid {server.process.pid} on 127.0.0.1:{server.port} ({s.mode} run)")
-        with Mesh(bench_policy(server.port), service="bench-client") as mesh:
+        with (
+            Mesh(bench_policy(server.port), service="bench-client") as mesh,
+            Mesh(resilience_policy(server.port), service="bench-client") as resilient,
+        ):
             verdict = mesh.explain("GET", MESH_URL)
             print(f"mesh: GET {MESH_URL} -> route {verdict['route']!r}, split {verdict['split']}")
             phases: dict[str, Callable[[], dict[str, Any]]] = {
-                "decision": lambda: bench_decision(mesh, s),
-                "sync": lambda: bench_sync(mesh, server.port, s),
-                "async": lambda: bench_async(mesh, server.port, s),
+                "decision": lambda: bench_decision(mesh, resilient, s),
+                "sync": lambda: bench_sync(mesh, resilient, server.port, s),
+                "async": lambda: bench_async(mesh, resilient, server.port, s),
             }
             for phase, run in phases.items():
                 if phase in args.skip:

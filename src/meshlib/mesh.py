@@ -5,10 +5,10 @@ from __future__ import annotations
 import copy
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import httpx
 
@@ -16,14 +16,18 @@ from meshlib.config.load import load_policy_file, parse_policy, policy_from_mapp
 from meshlib.config.model import MeshConfig
 from meshlib.config.store import SnapshotStore
 from meshlib.discovery.base import Registry
-from meshlib.errors import ConfigError
+from meshlib.errors import ConfigError, MeshError
 from meshlib.explain import explain_request
 from meshlib.filewatch import FileWatcher
+from meshlib.http.asgi import ASGIApp, MeshASGIMiddleware
 from meshlib.http.async_transport import AsyncMeshTransport
 from meshlib.http.sync_transport import MeshTransport
+from meshlib.resilience.decorator import resilient
 from meshlib.snapshot import Snapshot
 
 log = logging.getLogger("meshlib")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # httpx.Client arguments that configure its transport rather than the client
 _TRANSPORT_SETTINGS = ("verify", "cert", "http1", "http2", "limits")
@@ -121,7 +125,9 @@ class Mesh:
         ``passthrough`` handles hosts that are not mesh services (default: a
         plain ``httpx.HTTPTransport``); ``limits`` bounds the endpoint pool.
         """
-        return MeshTransport(self._store, passthrough=passthrough, limits=limits, rng=self._rng)
+        return MeshTransport(
+            self._store, passthrough=passthrough, limits=limits, rng=self._rng, caller=self.service
+        )
 
     def async_transport(
         self,
@@ -131,7 +137,7 @@ class Mesh:
     ) -> AsyncMeshTransport:
         """An httpx async transport to mount into your own ``httpx.AsyncClient``."""
         return AsyncMeshTransport(
-            self._store, passthrough=passthrough, limits=limits, rng=self._rng
+            self._store, passthrough=passthrough, limits=limits, rng=self._rng, caller=self.service
         )
 
     def http_client(self, **kwargs: Any) -> httpx.Client:
@@ -156,6 +162,28 @@ class Mesh:
         passthrough = httpx.AsyncHTTPTransport(**settings)
         transport = self.async_transport(passthrough, limits=settings.get("limits"))
         return httpx.AsyncClient(transport=transport, **kwargs)
+
+    def resilient(self, service: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+        """Decorator: ``service``'s timeout, retry, budget and breaker around any callable.
+
+        Works on sync and async functions; the policy in force at each call
+        applies. Async calls are cut off at their timeout; a sync call cannot be
+        interrupted, so its deadline only stops further attempts.
+        """
+        return resilient(lambda: self._store.current, service, self._rng)
+
+    # -- server side ----------------------------------------------------------
+
+    def asgi(self, app: ASGIApp, service: str | None = None) -> MeshASGIMiddleware:
+        """Wrap an ASGI app with the inbound policy of ``service`` (default: this mesh's).
+
+        Enforces propagated deadlines (504), rate limits per route and per caller
+        (429 with Retry-After) and server-side faults; follows policy reloads.
+        """
+        name = service or self.service
+        if name is None:
+            raise MeshError("mesh.asgi() needs service=...: which service's inbound policy")
+        return MeshASGIMiddleware(app, self._store, name, rng=self._rng)
 
     # -- introspection --------------------------------------------------------
 

@@ -13,6 +13,7 @@ from typing import Any
 from meshlib.balancing import Balancer
 from meshlib.endpoint import Endpoint
 from meshlib.resilience.guard import ServiceGuard
+from meshlib.resilience.inbound import InboundPolicy
 from meshlib.resilience.policy import RoutePolicy
 from meshlib.routing.match import RouteMatcher
 
@@ -93,6 +94,9 @@ class Snapshot:
     policy: Mapping[str, Any]
     not_enforced: tuple[str, ...] = ()
     discovery: Mapping[str, Any] = field(default_factory=dict)
+    inbound: Mapping[str, InboundPolicy] = field(default_factory=dict)
+    # a service's own policy (its routes aside), used by @mesh.resilient
+    service_policies: Mapping[str, RoutePolicy | None] = field(default_factory=dict)
 
     @property
     def service_names(self) -> tuple[str, ...]:

@@ -12,7 +12,12 @@ from types import MappingProxyType
 from typing import Any
 
 from meshlib.balancing import make_balancer
-from meshlib.config.compile_resilience import first_set, route_policy, service_guard
+from meshlib.config.compile_resilience import (
+    first_set,
+    inbound_policy,
+    route_policy,
+    service_guard,
+)
 from meshlib.config.model import (
     Destination,
     LoadBalancerConfig,
@@ -23,6 +28,8 @@ from meshlib.config.model import (
 )
 from meshlib.endpoint import Endpoint, EndpointLoad, parse_address
 from meshlib.resilience.guard import ServiceGuard
+from meshlib.resilience.inbound import InboundPolicy
+from meshlib.resilience.policy import RoutePolicy
 from meshlib.resilience.state import StateTable
 from meshlib.routing.match import RouteMatcher, ValueMatcher
 from meshlib.snapshot import (
@@ -159,6 +166,8 @@ def compile_snapshot(
         return built
 
     services: dict[str, VirtualService] = {}
+    inbound: dict[str, InboundPolicy] = {}
+    service_policies: dict[str, RoutePolicy | None] = {}
     for name, service in config.services.items():
         cluster(name, None)
         for subset in service.subsets:
@@ -169,6 +178,10 @@ def compile_snapshot(
             for index, route in enumerate(route_configs)
         )
         services[name] = VirtualService(name, routes)
+        inbound[name] = inbound_policy(name, service, config.defaults, state)
+        service_policies[name] = route_policy(
+            name, "*", RouteConfig(name="*"), service, config.defaults, state
+        )
     state.sweep()
 
     return Snapshot(
@@ -180,6 +193,8 @@ def compile_snapshot(
         policy=config.model_dump(mode="json", exclude_defaults=True),
         not_enforced=not_enforced(config),
         discovery=MappingProxyType(dict(discovery or {})),
+        inbound=MappingProxyType(inbound),
+        service_policies=MappingProxyType(service_policies),
     )
 
 

@@ -20,6 +20,7 @@ from meshlib.resilience.breaker import BreakerBoard
 from meshlib.resilience.budget import RetryBudget
 from meshlib.resilience.faults import FaultPolicy
 from meshlib.resilience.guard import ServiceGuard
+from meshlib.resilience.inbound import InboundPolicy, InboundRule
 from meshlib.resilience.limits import Bulkhead
 from meshlib.resilience.outlier import OutlierConfig, OutlierDetector
 from meshlib.resilience.policy import (
@@ -29,7 +30,7 @@ from meshlib.resilience.policy import (
     RoutePolicy,
     import_exception,
 )
-from meshlib.resilience.ratelimit import TokenBucket
+from meshlib.resilience.ratelimit import KeyedLimiter, TokenBucket
 from meshlib.resilience.state import StateTable
 
 Clock = Callable[[], float]
@@ -236,3 +237,41 @@ def outlier_config(config: OutlierDetectionConfig) -> OutlierConfig:
         enforcing_failure_percentage=failure.enforcing if failure else 0.0,
         enforcing_failure_percentage_local_origin=failure.enforcing if failure else 0.0,
     )
+
+
+def inbound_policy(
+    service_name: str,
+    service: ServiceConfig,
+    defaults: Defaults,
+    state: StateTable,
+    clock: Clock = time.monotonic,
+) -> InboundPolicy:
+    """The server-side policy that ``mesh.asgi(app, service=...)`` enforces."""
+    inbound = service.inbound
+    off = "off" in (service.faults, defaults.faults)
+
+    def rule(name: str, prefix: str, limit: RateLimitConfig | None, faults: object) -> InboundRule:
+        bucket = keyed = None
+        if limit is not None:
+            key = ("inbound", service_name, name, limit.model_dump_json())
+            burst = limit.burst or max(1, int(limit.requests_per_second))
+            if limit.per_caller:
+                keyed = state.get(
+                    key,
+                    lambda: KeyedLimiter(limit.requests_per_second, burst, clock=clock),
+                )
+            else:
+                bucket = state.get(key, lambda: _bucket(limit, clock))
+        policy = None
+        if isinstance(faults, FaultsConfig) and not off:
+            policy = fault_policy(faults)
+        return InboundRule(name, prefix, bucket, keyed, policy)
+
+    if inbound is None:
+        return InboundPolicy(service_name, (), InboundRule("service", "/"), "x-mesh-caller")
+    default = rule("service", "/", inbound.rate_limit, inbound.faults)
+    rules = tuple(
+        rule(item.name or f"inbound-{index}", item.path_prefix, item.rate_limit, item.faults)
+        for index, item in enumerate(inbound.routes)
+    )
+    return InboundPolicy(service_name, rules, default, inbound.caller_header.lower())

@@ -62,7 +62,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         passthrough: httpx.AsyncBaseTransport | None = None,
         limits: httpx.Limits | None = None,
         rng: random.Random | None = None,
+        caller: str | None = None,
     ) -> None:
+        self._caller = caller.encode("latin-1") if caller else None
         self._store = store
         self._rng = rng or random.Random()
         self._limits = limits or httpx.Limits(max_connections=200, max_keepalive_connections=50)
@@ -95,7 +97,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        plan = plan_request(self._store.current, request, self._rng)
+        plan = plan_request(self._store.current, request, self._rng, self._caller)
         if plan is None:
             return await self._passthrough.handle_async_request(request)
         if plan.decision.mirror is not None:

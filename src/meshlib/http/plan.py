@@ -36,8 +36,17 @@ class Plan:
         self.resilient = resilient
 
 
-def plan_request(snapshot: Snapshot, request: httpx.Request, rng: random.Random) -> Plan | None:
-    """The plan for a request to a mesh service, or None to pass it through untouched."""
+CALLER = b"x-mesh-caller"
+
+
+def plan_request(
+    snapshot: Snapshot, request: httpx.Request, rng: random.Random, caller: bytes | None = None
+) -> Plan | None:
+    """The plan for a request to a mesh service, or None to pass it through untouched.
+
+    ``caller`` (this process's service name) is sent as ``x-mesh-caller`` so the
+    server can apply per-caller limits before mTLS identities exist.
+    """
     url = request.url
     service = snapshot.services.get(url.host)
     if service is None:
@@ -55,6 +64,8 @@ def plan_request(snapshot: Snapshot, request: httpx.Request, rng: random.Random)
     headers = request.headers.raw
     if action.header_ops is not None or action.host_rewrite is not None:
         headers = rewrite_headers(headers, action.header_ops, action.host_rewrite)
+    if caller is not None:
+        headers = [*headers, (CALLER, caller)]
     resilient = action.policy is not None or decision.cluster.guard is not None
     return Plan(decision, headers, decision.target.encode("ascii"), action.timeout, resilient)
 

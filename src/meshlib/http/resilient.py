@@ -8,8 +8,10 @@ send and report. The sync and async loops mirror each other line by line.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
+from concurrent import futures
 from typing import TYPE_CHECKING
 
 import httpx
@@ -20,7 +22,7 @@ from meshlib.http.plan import Plan
 from meshlib.resilience.attempts import Attempt, CallControl
 from meshlib.resilience.faults import Fault, decide_fault
 from meshlib.resilience.limits import Bulkhead
-from meshlib.routing.decide import pick_endpoint
+from meshlib.routing.decide import pick_another
 from meshlib.routing.request import RequestView
 
 if TYPE_CHECKING:
@@ -53,7 +55,7 @@ def _control(
     cluster = decision.cluster
 
     def pick(avoid: frozenset[str]) -> Endpoint:
-        return pick_endpoint(cluster, view, rng, avoid)
+        return pick_another(cluster, view, rng, avoid)
 
     control = CallControl(
         decision.service.name,
@@ -111,17 +113,14 @@ def run_sync(transport: MeshTransport, request: httpx.Request, plan: Plan) -> ht
         while True:
             if attempt.delay:
                 time.sleep(attempt.delay)
-            try:
-                response = transport._send(
-                    request, attempt.endpoint, _attempt_plan(plan, attempt), body
-                )
-            except httpx.TransportError as exc:
-                attempt = control.on_error(attempt, exc)
+            attempt, outcome = _race_sync(transport, request, plan, control, attempt, body)
+            if not isinstance(outcome, httpx.Response):
+                attempt = control.on_error(attempt, outcome)
                 continue
-            following = control.on_status(attempt, response.status_code)
+            following = control.on_status(attempt, outcome.status_code)
             if following is None:
-                return response
-            response.close()
+                return outcome
+            outcome.close()
             attempt = following
     finally:
         control.finish()
@@ -149,22 +148,145 @@ async def run_async(
         while True:
             if attempt.delay:
                 await asyncio.sleep(attempt.delay)
-            try:
-                response = await transport._send(
-                    request, attempt.endpoint, _attempt_plan(plan, attempt), body
-                )
-            except httpx.TransportError as exc:
-                attempt = control.on_error(attempt, exc)
+            attempt, outcome = await _race_async(transport, request, plan, control, attempt, body)
+            if not isinstance(outcome, httpx.Response):
+                attempt = control.on_error(attempt, outcome)
                 continue
-            following = control.on_status(attempt, response.status_code)
+            following = control.on_status(attempt, outcome.status_code)
             if following is None:
-                return response
-            await response.aclose()
+                return outcome
+            await outcome.aclose()
             attempt = following
     finally:
         control.finish()
         if bulkhead is not None:
             bulkhead.exit()
+
+
+Outcome = httpx.Response | httpx.TransportError
+
+
+def _good(outcome: Outcome) -> bool:
+    return isinstance(outcome, httpx.Response) and outcome.status_code < 500
+
+
+def _race_sync(
+    transport: MeshTransport,
+    request: httpx.Request,
+    plan: Plan,
+    control: CallControl,
+    attempt: Attempt,
+    body: bytes | None,
+) -> tuple[Attempt, Outcome]:
+    """Send one attempt; with hedging, race a backup after the hedge delay.
+
+    The first good answer wins; the loser's outcome is recorded and its
+    response closed when it arrives (a blocking socket read cannot be cancelled).
+    """
+
+    def send(one: Attempt) -> Outcome:
+        control.started(one)
+        try:
+            return transport._send(request, one.endpoint, _attempt_plan(plan, one), body)
+        except httpx.TransportError as exc:
+            return exc
+
+    delay = control.hedge_delay()
+    executor = transport.hedge_executor() if delay is not None else None
+    if executor is None:
+        return attempt, send(attempt)
+    racers = {executor.submit(send, attempt): attempt}
+    done, _ = futures.wait(racers, timeout=delay)
+    if not done:
+        backup = control.hedge(attempt)
+        if backup is not None:
+            racers[executor.submit(send, backup)] = backup
+    pending = set(racers)
+    while True:
+        done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+        for future in done:
+            outcome = future.result()
+            if _good(outcome) or not pending:
+                for loser in pending:
+                    loser.add_done_callback(functools.partial(_settle_sync, control, racers))
+                return racers[future], outcome
+            control.settle(racers[future], *_status_and_error(outcome))
+            _close_sync(outcome)
+
+
+async def _race_async(
+    transport: AsyncMeshTransport,
+    request: httpx.Request,
+    plan: Plan,
+    control: CallControl,
+    attempt: Attempt,
+    body: bytes | None,
+) -> tuple[Attempt, Outcome]:
+    """The async twin of _race_sync; the loser is cancelled."""
+
+    async def send(one: Attempt) -> Outcome:
+        control.started(one)
+        try:
+            return await transport._send(request, one.endpoint, _attempt_plan(plan, one), body)
+        except httpx.TransportError as exc:
+            return exc
+
+    delay = control.hedge_delay()
+    if delay is None:
+        return attempt, await send(attempt)
+    racers = {asyncio.ensure_future(send(attempt)): attempt}
+    done, _ = await asyncio.wait(racers, timeout=delay)
+    if not done:
+        backup = control.hedge(attempt)
+        if backup is not None:
+            racers[asyncio.ensure_future(send(backup))] = backup
+    pending = set(racers)
+    handled: set[asyncio.Future[Outcome]] = set()
+    try:
+        while True:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                handled.add(task)
+                outcome = task.result()
+                if _good(outcome) or not pending:
+                    return racers[task], outcome
+                control.settle(racers[task], *_status_and_error(outcome))
+                if isinstance(outcome, httpx.Response):
+                    await outcome.aclose()
+    finally:
+        for task in racers:
+            if task in handled:
+                continue
+            if not task.done():
+                task.cancel()  # its send releases the endpoint's in-flight slot
+                continue
+            if task.cancelled():
+                continue
+            late = task.result()  # finished in the same instant as the winner
+            control.settle(racers[task], *_status_and_error(late))
+            if isinstance(late, httpx.Response):
+                await late.aclose()
+
+
+def _status_and_error(outcome: Outcome) -> tuple[int | None, BaseException | None]:
+    if isinstance(outcome, httpx.Response):
+        return outcome.status_code, None
+    return None, outcome
+
+
+def _close_sync(outcome: Outcome) -> None:
+    if isinstance(outcome, httpx.Response):
+        outcome.close()
+
+
+def _settle_sync(
+    control: CallControl,
+    racers: dict[futures.Future[Outcome], Attempt],
+    future: futures.Future[Outcome],
+) -> None:
+    outcome = future.result()
+    control.settle(racers[future], *_status_and_error(outcome))
+    _close_sync(outcome)
 
 
 def _overflow(control: CallControl) -> str:

@@ -58,7 +58,9 @@ class MeshTransport(httpx.BaseTransport):
         passthrough: httpx.BaseTransport | None = None,
         limits: httpx.Limits | None = None,
         rng: random.Random | None = None,
+        caller: str | None = None,
     ) -> None:
+        self._caller = caller.encode("latin-1") if caller else None
         limits = limits or httpx.Limits(max_connections=200, max_keepalive_connections=50)
         self._store = store
         self._rng = rng or random.Random()
@@ -69,9 +71,11 @@ class MeshTransport(httpx.BaseTransport):
         )
         self._passthrough = passthrough or httpx.HTTPTransport()
         self._mirror = _SyncMirror(store.config.mirroring.max_concurrent)
+        self._hedge_pool: ThreadPoolExecutor | None = None
+        self._hedge_lock = threading.Lock()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        plan = plan_request(self._store.current, request, self._rng)
+        plan = plan_request(self._store.current, request, self._rng, self._caller)
         if plan is None:
             return self._passthrough.handle_request(request)
         if plan.decision.mirror is not None:
@@ -128,7 +132,17 @@ class MeshTransport(httpx.BaseTransport):
         finally:
             response.close()
 
+    def hedge_executor(self) -> ThreadPoolExecutor | None:
+        """Threads for hedged attempts: a sync send can only be raced from threads."""
+        if self._hedge_pool is None:
+            with self._hedge_lock:
+                if self._hedge_pool is None:
+                    self._hedge_pool = ThreadPoolExecutor(32, "meshlib-hedge")
+        return self._hedge_pool
+
     def close(self) -> None:
+        if self._hedge_pool is not None:
+            self._hedge_pool.shutdown(wait=False, cancel_futures=True)
         self._mirror.close()
         self._pool.close()
         self._passthrough.close()

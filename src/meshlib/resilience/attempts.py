@@ -46,6 +46,7 @@ class CallControl:
         "_tried",
         "deadline",
         "guard",
+        "hedged",
         "method",
         "policy",
         "replayable",
@@ -76,6 +77,7 @@ class CallControl:
         self._tried: set[str] = set()
         self._holds_retry_slot = False
         self.retried = 0
+        self.hedged = 0
         timeout = policy.timeout
         self.deadline = clock() + timeout if timeout else None
 
@@ -84,6 +86,8 @@ class CallControl:
     def admit(self) -> None:
         """Checks before anything is sent: rate limit, budget deposit, service breaker."""
         policy = self.policy
+        if policy.hedge is not None:
+            policy.hedge.budget.record_request()
         if policy.rate_limit is not None and not policy.rate_limit.try_acquire():
             wait = policy.rate_limit.retry_after()
             raise RateLimitedError(
@@ -103,9 +107,40 @@ class CallControl:
 
     # -- outcomes -----------------------------------------------------------------
 
+    def hedge_delay(self) -> float | None:
+        """How long to wait for the first attempt before sending a backup (None: never)."""
+        hedge = self.policy.hedge
+        if hedge is None or (self.deadline is not None and self.deadline <= self._clock()):
+            return None
+        return hedge.delay()
+
+    def hedge(self, attempt: Attempt) -> Attempt | None:
+        """A backup attempt to another endpoint, if the hedging budget allows one."""
+        hedge = self.policy.hedge
+        if hedge is None or not self.replayable or not hedge.budget.try_acquire_retry():
+            return None
+        avoid = frozenset(self._tried | {attempt.endpoint.address})
+        if self.guard is not None:
+            avoid |= self.guard.unavailable()
+        try:
+            endpoint = self._usable(self._pick(avoid))
+        except CircuitOpenError:
+            return None
+        if endpoint.address in avoid:
+            return None  # a backup to the same endpoint only doubles its load
+        self.hedged += 1
+        return self._attempt(endpoint, attempt.number + 1, 0.0)
+
+    def settle(self, attempt: Attempt, status: int | None, exc: BaseException | None) -> None:
+        """Record a racer's outcome that will not be handed back (the hedging loser)."""
+        self._record(attempt, status, error_kind(exc) if exc is not None else None)
+
     def on_status(self, attempt: Attempt, status: int) -> Attempt | None:
         """The next attempt after a response, or None to hand this response back."""
         self._record(attempt, status, None)
+        hedge = self.policy.hedge
+        if hedge is not None and hedge.latencies is not None and status < 500 and attempt.started:
+            hedge.latencies.add(self._clock() - attempt.started)
         retry = self.policy.retry
         if retry is None or not retry.retries_status(status):
             return None
@@ -184,6 +219,9 @@ class CallControl:
             f"every endpoint of {self.service!r} has an open circuit breaker; failing fast "
             "until one half-opens (see `explain` for breaker states)"
         )
+
+    def started(self, attempt: Attempt) -> None:
+        attempt.started = self._clock()
 
     def _attempt(self, endpoint: Endpoint, number: int, delay: float) -> Attempt:
         retry = self.policy.retry

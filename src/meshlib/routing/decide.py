@@ -7,7 +7,7 @@ from bisect import bisect_right
 from collections.abc import Container
 from dataclasses import dataclass
 
-from meshlib.balancing import hash_key_from
+from meshlib.balancing import Balancer, hash_key_from
 from meshlib.endpoint import Endpoint
 from meshlib.errors import NoHealthyEndpointError, NoRouteError
 from meshlib.routing.request import RequestView
@@ -64,6 +64,26 @@ def pick_endpoint(
             "its registry (`meshlib explain` shows what discovery returned)"
         )
     return endpoint
+
+
+def pick_another(
+    cluster: Cluster, request: RequestView, rng: random.Random, avoid: Container[str]
+) -> Endpoint:
+    """An endpoint for a retry or a hedge, avoiding the ones given when possible.
+
+    Round robin would advance its schedule for these extra picks and shift the
+    next callers onto the endpoint being avoided, so for it the pick is a
+    weighted random draw over the same priority level instead. Other policies
+    keep their own choice (ring hash walks the ring, preserving affinity).
+    """
+    if cluster.lb_policy == "round_robin":
+        levels: tuple[tuple[int, Balancer], ...] = getattr(cluster.balancer, "levels", ())
+        for _, level in levels:
+            candidates = [ep for ep in level.endpoints if ep.address not in avoid]
+            if candidates:
+                chosen: Endpoint = rng.choices(candidates, [ep.weight for ep in candidates])[0]
+                return chosen
+    return pick_endpoint(cluster, request, rng, avoid)
 
 
 def decide(
