@@ -91,6 +91,10 @@ def explain_request(
             "percent": action.mirror.fraction * 100,
         }
     result["timeout"] = action.timeout
+    if action.policy is not None:
+        result["resilience"] = action.policy.describe()
+    if cluster.guard is not None:
+        result["protection"] = cluster.guard.describe()
     prefix = f"services.{service.name}."
     result["not_enforced"] = [
         path
@@ -105,6 +109,8 @@ def explain_request(
 
 def _candidates(cluster: Cluster) -> list[dict[str, Any]]:
     balancer = cluster.balancer
+    guard = cluster.guard
+    unavailable = guard.unavailable() if guard is not None else frozenset()
     active = {ep.address for ep in getattr(balancer, "endpoints", ())}
     levels = getattr(balancer, "levels", ())
     if levels:
@@ -112,7 +118,9 @@ def _candidates(cluster: Cluster) -> list[dict[str, Any]]:
     out = []
     for endpoint in cluster.endpoints:
         view = endpoint.describe()
-        view["eligible"] = endpoint.address in active
+        view["eligible"] = endpoint.address in active and endpoint.address not in unavailable
+        if endpoint.address in unavailable:
+            view["unavailable"] = "ejected or breaker open"
         out.append(view)
     return out
 
@@ -137,13 +145,15 @@ def format_explanation(result: Mapping[str, Any]) -> str:
             state = "eligible" if candidate["eligible"] else "standby"
             if not candidate["healthy"]:
                 state = "unhealthy"
+            elif "unavailable" in candidate:
+                state = candidate["unavailable"]
             lines.append(
                 f"    {candidate['address']:<22} weight {candidate['weight']:<4} "
                 f"priority {candidate['priority']} {state} labels {candidate['labels']}"
             )
     if result.get("endpoint"):
         lines.append(f"  endpoint {result['endpoint']}  target {result['upstream_target']}")
-    for key in ("host_rewrite", "request_headers", "mirror", "timeout"):
+    for key in ("host_rewrite", "request_headers", "mirror", "timeout", "resilience", "protection"):
         if result.get(key) is not None:
             lines.append(f"  {key:<8} {result[key]}")
     if result.get("not_enforced"):

@@ -214,6 +214,7 @@ class Mesh:
                     "subset": cluster.subset,
                     "load_balancer": cluster.lb_policy,
                     "endpoints": [ep.describe() for ep in cluster.endpoints],
+                    "protection": cluster.guard.describe() if cluster.guard else None,
                 }
                 for name, cluster in snapshot.clusters.items()
             },
@@ -222,6 +223,9 @@ class Mesh:
                     {
                         "name": route.name,
                         "match": route.matcher.describe(),
+                        "resilience": route.action.policy.describe()
+                        if route.action.policy
+                        else None,
                         "to": {
                             c.name: w
                             for c, w in zip(

@@ -83,10 +83,17 @@ def test_header_kinds_and_invert() -> None:
             {"name": "suffix", "match": {"headers": {"x-suffix": {"suffix": "yz"}}}},
             {"name": "regex", "match": {"headers": {"x-regex": {"regex": "v[0-9]"}}}},
             {"name": "present", "match": {"headers": {"x-present": {"present": True}}}},
-            {"name": "not-beta", "match": {"headers": {"x-tier": {"exact": "beta", "invert": True},
-                                                       "x-absent": {"absent": True}}}},
+            {
+                "name": "not-beta",
+                "match": {
+                    "headers": {
+                        "x-tier": {"exact": "beta", "invert": True},
+                        "x-absent": {"absent": True},
+                    }
+                },
+            },
         ]
-    )  # fmt: skip
+    )
     assert route_name(snap, request(x_exact="1")) == "exact"
     assert route_name(snap, request(x_prefix="abc")) == "prefix"
     assert route_name(snap, request(x_suffix="xyz")) == "suffix"
@@ -156,8 +163,9 @@ def test_split_shares_within_statistical_bounds(split: list[int], seed: int) -> 
     services = {
         f"s{i}": {"endpoints": [{"address": f"127.0.0.1:{3000 + i}"}]} for i in range(len(split))
     }
-    services["front"] = {"routes": [{"to": [{"service": f"s{i}", "weight": w}
-                                            for i, w in enumerate(split)]}]}  # fmt: skip
+    services["front"] = {
+        "routes": [{"to": [{"service": f"s{i}", "weight": w} for i, w in enumerate(split)]}]
+    }
     snap = snapshot_of({"services": services})
     action = snap.services["front"].routes[0].action
     rng = random.Random(seed)

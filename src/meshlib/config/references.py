@@ -5,6 +5,7 @@ from __future__ import annotations
 from meshlib.config.model import MeshConfig
 from meshlib.config.source_yaml import LocatedDocument, Path
 from meshlib.errors import PolicyIssue
+from meshlib.resilience.policy import import_exception
 
 
 def check_references(config: MeshConfig, document: LocatedDocument) -> list[PolicyIssue]:
@@ -29,8 +30,22 @@ def check_references(config: MeshConfig, document: LocatedDocument) -> list[Poli
                 )
             )
 
+    def exceptions(path: Path, names: list[str]) -> None:
+        for index, dotted in enumerate(names):
+            try:
+                import_exception(dotted)
+            except ValueError as exc:
+                issues.append(document.issue((*path, "exceptions", index), str(exc)))
+
+    if config.defaults.retries is not None:
+        exceptions(("defaults", "retries"), config.defaults.retries.exceptions)
     for name, service in config.services.items():
         base: Path = ("services", name)
+        if service.retries is not None:
+            exceptions((*base, "retries"), service.retries.exceptions)
+        for index, route in enumerate(service.routes):
+            if route.retries is not None:
+                exceptions((*base, "routes", index, "retries"), route.retries.exceptions)
         for index, route in enumerate(service.routes):
             route_path: Path = (*base, "routes", index)
             for dest_index, dest in enumerate(route.to):
