@@ -90,7 +90,7 @@ def decide(
     service: VirtualService,
     request: RequestView,
     rng: random.Random,
-    avoid: Container[str] = (),
+    avoid: frozenset[str] = frozenset(),
 ) -> Decision:
     """Route, split and pick for one request; raises a MeshError when impossible."""
     route = find_route(service, request)
@@ -101,6 +101,11 @@ def decide(
         )
     action = route.action
     cluster = pick_cluster(action.split, rng)
+    guard = cluster.guard
+    if guard is not None:  # ejected endpoints and open breakers, unless in panic
+        unavailable = guard.unavailable()
+        if unavailable:
+            avoid = unavailable | avoid
     endpoint = pick_endpoint(cluster, request, rng, avoid)
     mirror = None
     if action.mirror is not None and rng.random() < action.mirror.fraction:
