@@ -263,7 +263,9 @@ def inbound_policy(
             else:
                 bucket = state.get(key, lambda: _bucket(limit, clock))
         policy = None
-        if isinstance(faults, FaultsConfig) and not off:
+        if faults == "off" or (off and faults is not None):
+            policy = FaultPolicy()  # explicitly none here, whatever the service-wide rule says
+        elif isinstance(faults, FaultsConfig):
             policy = fault_policy(faults)
         return InboundRule(name, prefix, bucket, keyed, policy)
 

@@ -68,7 +68,33 @@ def _issues_from(
     error: ValidationError, document: LocatedDocument, root: type[BaseModel]
 ) -> list[PolicyIssue]:
     issues = []
+    items = error.errors()
+    # for `mapping | "off"` fields, the mapping's errors say more than "should be 'off'"
+    literal_only = {
+        tuple(str(p) for p in item["loc"][:-1])
+        for item in items
+        if item["loc"] and str(item["loc"][-1]).startswith("literal[")
+    }
+    other = {
+        tuple(str(p) for p in item["loc"][: len(prefix)])
+        for item in items
+        for prefix in literal_only
+        if not any(str(p).startswith("literal[") for p in item["loc"])
+    }
+    items = [
+        item
+        for item in items
+        if not (
+            item["loc"]
+            and str(item["loc"][-1]).startswith("literal[")
+            and tuple(str(p) for p in item["loc"][:-1]) in other
+        )
+    ]
+    error_paths: dict[Path, list[str]] = {}
     for item in error.errors():
+        key = _data_path(document.data, item["loc"])
+        error_paths.setdefault(key, []).extend(str(p) for p in item["loc"])
+    for item in items:
         path = _data_path(document.data, item["loc"])
         message = str(item["msg"]).removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
@@ -78,6 +104,11 @@ def _issues_from(
                 message += f" (allowed here: {', '.join(allowed)})"
         elif item["type"] == "missing":
             message = "required field is missing"
+        elif item["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            message = f"expected a mapping, got {type(item['input']).__name__} {item['input']!r}"
+            siblings = error_paths.get(path, [])
+            if any(part.startswith("literal[") for part in siblings):
+                message += " (or the word off)"
         issues.append(document.issue(path, message))
     return issues
 
@@ -103,7 +134,9 @@ def _indexes(node: Any, part: int | str) -> bool:
 
 
 def _is_tag(part: str) -> bool:
-    return "[" in part or part in {"str", "int", "float", "bool", "dict", "list"}
+    """Union member labels pydantic puts in locations (``FaultsConfig``, ``literal['off']``)."""
+    scalar_tags = {"str", "int", "float", "bool", "dict", "list"}
+    return "[" in part or part[:1].isupper() or part in scalar_tags
 
 
 def _allowed_keys(root: type[BaseModel], path: Path) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from meshlib.config.durations import parse_duration
 from meshlib.config.types import Duration, Strict
@@ -33,7 +33,7 @@ _D300S: Any = "300s"
 class BackoffConfig(Strict):
     """Exponential backoff with full jitter: retry n waits uniform(0, min(max, base*2^(n-1)))."""
 
-    base: Duration = Field(default=_D25MS, ge=0)
+    base: Duration = Field(default=_D25MS, gt=0)
     max: Duration = Field(default=_D250MS, ge=0)
 
 
@@ -79,6 +79,8 @@ class HedgingConfig(Strict):
     def _delay(cls, value: str) -> str:
         if re.fullmatch(r"p(50|75|90|95|99|99\.9)", value):
             return value
+        if value.startswith("p"):
+            raise ValueError(f"bad percentile {value!r}: use one of p50, p75, p90, p95, p99, p99.9")
         parse_duration(value)
         return value
 
@@ -120,6 +122,12 @@ class OutlierDetectionConfig(Strict):
     success_rate: SuccessRateConfig | None = None
     failure_percentage: FailurePercentageConfig | None = None
     panic_threshold: float = Field(default=50.0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _ejection_times(self) -> OutlierDetectionConfig:
+        if self.max_ejection_time < self.base_ejection_time:
+            raise ValueError("max_ejection_time must be at least base_ejection_time")
+        return self
 
 
 class LimitsConfig(Strict):

@@ -8,7 +8,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,8 @@ class EchoApp:
     ``status`` and ``delay`` shape every answer; while ``gate`` is set to an
     unset ``threading.Event``, answers wait for it (at most ``gate_timeout``
     seconds), which lets tests hold requests in flight deterministically.
+    ``statuses``, when not empty, replaces ``status``: the n-th request (0-based)
+    gets ``statuses[n % len(statuses)]``, so ``(503, 200)`` fails every other one.
     """
 
     name: str
@@ -35,6 +37,7 @@ class EchoApp:
     gate: threading.Event | None = None
     gate_timeout: float = 30.0
     seen: list[dict[str, Any]] = field(default_factory=list)
+    statuses: Sequence[int] = ()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -63,6 +66,7 @@ class EchoApp:
             "client": list(client) if client else None,
             "body": body.decode("latin-1"),
         }
+        index = len(self.seen)
         self.seen.append(record)
         gate = self.gate
         if gate is not None:
@@ -72,10 +76,12 @@ class EchoApp:
         if self.delay:
             await asyncio.sleep(self.delay)
         payload = json.dumps(record).encode()
+        statuses = self.statuses
+        status = statuses[index % len(statuses)] if statuses else self.status
         await send(
             {
                 "type": "http.response.start",
-                "status": self.status,
+                "status": status,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"x-server", self.name.encode()),
@@ -86,13 +92,14 @@ class EchoApp:
 
 
 class ServerThread:
-    """One uvicorn server on 127.0.0.1 with an ephemeral port, in a thread."""
+    """One uvicorn server on 127.0.0.1 in a thread, on an ephemeral port unless
+    ``port`` is given (to restart a server where a stopped one was)."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1") -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
+        self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
         self.server = uvicorn.Server(config)

@@ -22,6 +22,7 @@ from meshlib.http.plan import Plan
 from meshlib.resilience.attempts import Attempt, CallControl
 from meshlib.resilience.faults import Fault, decide_fault
 from meshlib.resilience.limits import Bulkhead
+from meshlib.resilience.policy import NO_POLICY
 from meshlib.routing.decide import pick_another
 from meshlib.routing.request import RequestView
 
@@ -38,17 +39,17 @@ def _control(
     plan: Plan, request: httpx.Request, rng: random.Random
 ) -> tuple[CallControl, bytes | None]:
     decision = plan.decision
-    policy = decision.route.action.policy
-    assert policy is not None
+    policy = decision.route.action.policy or NO_POLICY
     body = None
     replayable = True
-    if policy.retry is not None:
+    if policy.retry is not None or policy.hedge is not None:
         try:
             content = request.content
         except httpx.RequestNotRead:  # a streamed body cannot be replayed
             replayable = False
         else:
-            replayable = len(content) <= policy.retry.max_body_bytes
+            limit = policy.retry.max_body_bytes if policy.retry is not None else 65536
+            replayable = len(content) <= limit
             body = content if replayable else None
     path, _, query = decision.target.partition("?")
     view = RequestView(request.method, path, query, request.headers)

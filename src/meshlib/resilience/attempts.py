@@ -14,7 +14,7 @@ from meshlib.endpoint import Endpoint
 from meshlib.errors import CircuitOpenError, DeadlineExceeded, RateLimitedError
 from meshlib.resilience.guard import ServiceGuard
 from meshlib.resilience.outcome import TIMEOUT, error_kind
-from meshlib.resilience.policy import RoutePolicy
+from meshlib.resilience.policy import IDEMPOTENT_METHODS, RoutePolicy
 
 Pick = Callable[[frozenset[str]], Endpoint]
 
@@ -86,8 +86,6 @@ class CallControl:
     def admit(self) -> None:
         """Checks before anything is sent: rate limit, budget deposit, service breaker."""
         policy = self.policy
-        if policy.hedge is not None:
-            policy.hedge.budget.record_request()
         if policy.rate_limit is not None and not policy.rate_limit.try_acquire():
             wait = policy.rate_limit.retry_after()
             raise RateLimitedError(
@@ -97,11 +95,25 @@ class CallControl:
             )
         if policy.budget is not None:
             policy.budget.record_request()
+        if policy.hedge is not None:
+            policy.hedge.budget.record_request()
         if self.guard is not None:
             self.guard.check_cluster()
 
     def first(self, endpoint: Endpoint) -> Attempt:
-        """The first attempt, moved off an endpoint whose breaker refuses it."""
+        """The first attempt, moved off an endpoint whose breaker refuses it.
+
+        Raises DeadlineExceeded when a fault delay or a wait for the bulkhead
+        already used up the route's time.
+        """
+        if self.deadline is not None and self._clock() >= self.deadline:
+            timeout = self.policy.timeout or 0.0
+            raise DeadlineExceeded(
+                f"route timeout of {timeout:g}s expired calling {self.service!r} before the "
+                "first attempt (waiting for a concurrency slot or an injected delay)",
+                limit="route timeout",
+                seconds=timeout,
+            )
         endpoint = self._usable(endpoint)
         return self._attempt(endpoint, 1, 0.0)
 
@@ -117,7 +129,9 @@ class CallControl:
     def hedge(self, attempt: Attempt) -> Attempt | None:
         """A backup attempt to another endpoint, if the hedging budget allows one."""
         hedge = self.policy.hedge
-        if hedge is None or not self.replayable or not hedge.budget.try_acquire_retry():
+        if hedge is None or not self.replayable or self.method not in IDEMPOTENT_METHODS:
+            return None
+        if not hedge.budget.try_acquire_retry():
             return None
         avoid = frozenset(self._tried | {attempt.endpoint.address})
         if self.guard is not None:
@@ -156,11 +170,14 @@ class CallControl:
             if following is not None:
                 return following
         if kind == TIMEOUT and attempt.timeout is not None:
+            seconds = attempt.timeout
+            if attempt.limit == "route timeout" and self.policy.timeout is not None:
+                seconds = self.policy.timeout
             raise DeadlineExceeded(
-                f"{attempt.limit} of {attempt.timeout:g}s fired calling {self.service!r} "
+                f"{attempt.limit} of {seconds:g}s fired calling {self.service!r} "
                 f"(attempt {attempt.number}, endpoint {attempt.endpoint.address})",
                 limit=attempt.limit,
-                seconds=attempt.timeout,
+                seconds=seconds,
             ) from exc
         raise exc
 
@@ -173,9 +190,10 @@ class CallControl:
     # -- internals ----------------------------------------------------------------
 
     def _record(self, attempt: Attempt, status: int | None, error: str | None) -> None:
-        self._tried.add(attempt.endpoint.address)
+        address = attempt.endpoint.address  # a computed property: read it once
+        self._tried.add(address)
         if self.guard is not None:
-            self.guard.record(attempt.endpoint.address, status, error)
+            self.guard.record(address, status, error)
 
     def _next(self, attempt: Attempt) -> Attempt | None:
         retry = self.policy.retry
@@ -184,23 +202,24 @@ class CallControl:
             return None
         if not retry.allows_method(self.method):
             return None
-        budget = self.policy.budget
-        if budget is not None and not budget.try_acquire_retry():
-            return None
-        guard = self.guard
-        if guard is not None and guard.bulkhead is not None and not self._holds_retry_slot:
-            if not guard.bulkhead.try_enter_retry():
-                return None
-            self._holds_retry_slot = True
         delay = retry.backoff.delay(attempt.number, self._rng)
         if self.deadline is not None and self._clock() + delay >= self.deadline:
             return None
+        guard = self.guard
         avoid = frozenset(self._tried)
         if guard is not None:
             avoid |= guard.unavailable()
         try:
             endpoint = self._usable(self._pick(avoid))
         except CircuitOpenError:
+            return None
+        if guard is not None and guard.bulkhead is not None and not self._holds_retry_slot:
+            if not guard.bulkhead.try_enter_retry():
+                return None
+            self._holds_retry_slot = True
+        # the budget is spent last, only on a retry that will really be sent
+        budget = self.policy.budget
+        if budget is not None and not budget.try_acquire_retry():
             return None
         self.retried += 1
         return self._attempt(endpoint, attempt.number + 1, delay)

@@ -29,7 +29,7 @@ R = TypeVar("R")
 class _Run:
     """The policy state of one decorated call."""
 
-    __slots__ = ("_rng", "attempt", "breaker", "deadline", "policy", "service")
+    __slots__ = ("_rng", "attempt", "breaker", "deadline", "limit", "policy", "service")
 
     def __init__(self, snapshot: Snapshot, service: str, rng: random.Random) -> None:
         policy = snapshot.service_policies.get(service)
@@ -44,6 +44,7 @@ class _Run:
         self.breaker = cluster.guard.cluster_breaker if cluster and cluster.guard else None
         self._rng = rng
         self.attempt = 0
+        self.limit = "per-try timeout"
         timeout = policy.timeout if policy is not None else None
         self.deadline = time.monotonic() + timeout if timeout else None
 
@@ -61,9 +62,14 @@ class _Run:
         retry = self.policy.retry if self.policy is not None else None
         per_try = retry.per_try_timeout if retry is not None else None
         if self.deadline is None:
+            self.limit = "per-try timeout"
             return per_try
         remaining = max(self.deadline - time.monotonic(), 0.0)
-        return remaining if per_try is None else min(per_try, remaining)
+        if per_try is not None and per_try <= remaining:
+            self.limit = "per-try timeout"
+            return per_try
+        self.limit = "route timeout"
+        return remaining
 
     def succeeded(self) -> None:
         if self.breaker is not None:
@@ -90,9 +96,12 @@ class _Run:
         return delay
 
     def timed_out(self, seconds: float) -> DeadlineExceeded:
+        if self.limit == "route timeout" and self.policy is not None and self.policy.timeout:
+            seconds = self.policy.timeout
         return DeadlineExceeded(
-            f"@resilient({self.service!r}): attempt {self.attempt} exceeded {seconds:g}s",
-            limit="per-try timeout" if self.deadline is None else "route timeout",
+            f"@resilient({self.service!r}): {self.limit} of {seconds:g}s fired "
+            f"(attempt {self.attempt})",
+            limit=self.limit,
             seconds=seconds,
         )
 
@@ -128,20 +137,16 @@ def resilient(
 
         @functools.wraps(fn)
         def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            # A running sync call cannot be interrupted: the deadline stops further
-            # attempts, and a call that overran it is reported as timed out.
+            # A running sync call cannot be interrupted: the deadline only stops
+            # further attempts, and a late success is still a success.
             run = _Run(current(), service, rng)
             run.start()
             while True:
-                limit = run.attempt_timeout()
-                started = time.monotonic()
+                run.attempt_timeout()
                 try:
                     result = fn(*args, **kwargs)
                 except Exception as exc:
                     time.sleep(run.failed(exc))
-                    continue
-                if limit is not None and time.monotonic() - started > limit:
-                    time.sleep(run.failed(run.timed_out(limit)))
                     continue
                 run.succeeded()
                 return result

@@ -143,6 +143,10 @@ class RoutePolicy:
         return out
 
 
+NO_POLICY = RoutePolicy("", None, None, None, None, None, None)
+"""For calls that only the service's guard (breakers, outliers, limits) protects."""
+
+
 def import_exception(name: str) -> type[BaseException]:
     """Resolve ``module.Class`` to an exception class; ValueError says why not."""
     module_name, _, attribute = name.rpartition(".")
