@@ -275,3 +275,22 @@ def test_decorator_retries_named_exceptions_sync_and_async() -> None:
         with pytest.raises(DeadlineExceeded):
             asyncio.run(slow())
         assert len(async_calls) == 1  # timeouts are not in `on`
+
+
+def test_inbound_deadline_caps_outbound_calls() -> None:
+    from meshlib.resilience.deadline import INBOUND_DEADLINE
+
+    clock = FakeClock()
+    snapshot = snapshot_of({"timeout": "5s", **RETRIES})
+    token = INBOUND_DEADLINE.set(clock.now + 0.3)
+    try:
+        control, _ = control_for(snapshot, clock)
+        first = control.first(Endpoint("127.0.0.1", 8000))
+        assert first.limit == "inbound deadline" and first.timeout == pytest.approx(0.3)
+        clock.now += 0.31
+        with pytest.raises(DeadlineExceeded, match="inbound deadline"):
+            control_for(snapshot, clock)[0].first(Endpoint("127.0.0.1", 8000))
+    finally:
+        INBOUND_DEADLINE.reset(token)
+    control, _ = control_for(snapshot, clock)
+    assert control.first(Endpoint("127.0.0.1", 8000)).timeout == pytest.approx(5.0)

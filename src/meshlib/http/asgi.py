@@ -16,6 +16,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from meshlib.resilience.deadline import INBOUND_DEADLINE
+
 if TYPE_CHECKING:
     from meshlib.config.store import SnapshotStore
 
@@ -137,7 +139,11 @@ class MeshASGIMiddleware:
         if deadline is None:
             await self.app(scope, receive, send)
             return
-        await self._with_deadline(scope, receive, send, deadline)
+        token = INBOUND_DEADLINE.set(deadline)  # calls made while serving inherit it
+        try:
+            await self._with_deadline(scope, receive, send, deadline)
+        finally:
+            INBOUND_DEADLINE.reset(token)
 
     async def _with_deadline(
         self, scope: Scope, receive: Receive, send: Send, deadline: float

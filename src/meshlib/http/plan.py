@@ -8,6 +8,7 @@ import random
 import httpx
 
 from meshlib.errors import MeshError
+from meshlib.resilience.deadline import INBOUND_DEADLINE
 from meshlib.routing.decide import Decision, decide
 from meshlib.routing.request import RequestView
 from meshlib.snapshot import HeaderOps, Snapshot
@@ -66,7 +67,11 @@ def plan_request(
         headers = rewrite_headers(headers, action.header_ops, action.host_rewrite)
     if caller is not None:
         headers = [*headers, (CALLER, caller)]
-    resilient = action.policy is not None or decision.cluster.guard is not None
+    resilient = (
+        action.policy is not None
+        or decision.cluster.guard is not None
+        or INBOUND_DEADLINE.get() is not None
+    )
     return Plan(decision, headers, decision.target.encode("ascii"), action.timeout, resilient)
 
 

@@ -72,7 +72,14 @@ def _control(
 
 
 def _attempt_plan(plan: Plan, attempt: Attempt) -> Plan:
-    headers = [*plan.headers, (ATTEMPT_HEADER, str(attempt.number).encode())]
+    # replace, never add to, attempt headers the application sent (forwarded from its
+    # own inbound request, say): the server reads the first one
+    headers = [
+        (name, value)
+        for name, value in plan.headers
+        if name.lower() not in (ATTEMPT_HEADER, TIMEOUT_HEADER)
+    ]
+    headers.append((ATTEMPT_HEADER, str(attempt.number).encode()))
     if attempt.timeout is not None:
         headers.append((TIMEOUT_HEADER, str(max(1, int(attempt.timeout * 1000))).encode()))
     return Plan(plan.decision, headers, plan.target, attempt.timeout)

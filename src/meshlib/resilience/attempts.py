@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from meshlib.endpoint import Endpoint
 from meshlib.errors import CircuitOpenError, DeadlineExceeded, RateLimitedError
+from meshlib.resilience.deadline import INBOUND_DEADLINE
 from meshlib.resilience.guard import ServiceGuard
 from meshlib.resilience.outcome import TIMEOUT, error_kind
 from meshlib.resilience.policy import IDEMPOTENT_METHODS, RoutePolicy
@@ -45,6 +46,7 @@ class CallControl:
         "_rng",
         "_tried",
         "deadline",
+        "deadline_source",
         "guard",
         "hedged",
         "method",
@@ -80,6 +82,12 @@ class CallControl:
         self.hedged = 0
         timeout = policy.timeout
         self.deadline = clock() + timeout if timeout else None
+        self.deadline_source = "route timeout"
+        inherited = INBOUND_DEADLINE.get()
+        if inherited is not None and (self.deadline is None or inherited < self.deadline):
+            # the request being served must be answered sooner than this call's own timeout
+            self.deadline = inherited
+            self.deadline_source = "inbound deadline"
 
     # -- first attempt ----------------------------------------------------------
 
@@ -109,9 +117,9 @@ class CallControl:
         if self.deadline is not None and self._clock() >= self.deadline:
             timeout = self.policy.timeout or 0.0
             raise DeadlineExceeded(
-                f"route timeout of {timeout:g}s expired calling {self.service!r} before the "
-                "first attempt (waiting for a concurrency slot or an injected delay)",
-                limit="route timeout",
+                f"{self.deadline_source} expired calling {self.service!r} before the first "
+                "attempt (waiting for a concurrency slot or an injected delay)",
+                limit=self.deadline_source,
                 seconds=timeout,
             )
         endpoint = self._usable(endpoint)
@@ -249,5 +257,5 @@ class CallControl:
         if self.deadline is not None:
             remaining = self.deadline - self._clock() - delay
             if per_try is None or remaining < per_try:
-                timeout, limit = max(remaining, 0.001), "route timeout"
+                timeout, limit = max(remaining, 0.001), self.deadline_source
         return Attempt(endpoint, number, timeout, limit, delay)
