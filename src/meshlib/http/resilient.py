@@ -199,16 +199,23 @@ def _race_sync(
         except httpx.TransportError as exc:
             return exc
 
+    def send_in_pool(one: Attempt) -> Outcome:
+        transport.hedge_threads_busy += 1
+        try:
+            return send(one)
+        finally:
+            transport.hedge_threads_busy -= 1
+
     delay = control.hedge_delay()
     executor = transport.hedge_executor() if delay is not None else None
     if executor is None:
         return attempt, send(attempt)
-    racers = {executor.submit(send, attempt): attempt}
+    racers = {executor.submit(send_in_pool, attempt): attempt}
     done, _ = futures.wait(racers, timeout=delay)
     if not done:
         backup = control.hedge(attempt)
         if backup is not None:
-            racers[executor.submit(send, backup)] = backup
+            racers[executor.submit(send_in_pool, backup)] = backup
     pending = set(racers)
     while True:
         done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from meshlib.config.store import SnapshotStore
 
 log = logging.getLogger("meshlib.http")
+_HEDGE_THREADS = 32
 
 
 class _EndpointStream(httpx.SyncByteStream):
@@ -72,6 +73,7 @@ class MeshTransport(httpx.BaseTransport):
         self._passthrough = passthrough or httpx.HTTPTransport()
         self._mirror = _SyncMirror(store.config.mirroring.max_concurrent)
         self._hedge_pool: ThreadPoolExecutor | None = None
+        self.hedge_threads_busy = 0
         self._hedge_lock = threading.Lock()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -133,11 +135,17 @@ class MeshTransport(httpx.BaseTransport):
             response.close()
 
     def hedge_executor(self) -> ThreadPoolExecutor | None:
-        """Threads for hedged attempts: a sync send can only be raced from threads."""
+        """Threads for hedged attempts: a sync send can only be raced from threads.
+
+        None while every thread is taken: the call then goes without a backup
+        rather than queue for a thread and add that wait to its latency.
+        """
+        if self.hedge_threads_busy >= _HEDGE_THREADS - 1:
+            return None
         if self._hedge_pool is None:
             with self._hedge_lock:
                 if self._hedge_pool is None:
-                    self._hedge_pool = ThreadPoolExecutor(32, "meshlib-hedge")
+                    self._hedge_pool = ThreadPoolExecutor(_HEDGE_THREADS, "meshlib-hedge")
         return self._hedge_pool
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ from meshlib.endpoint import Endpoint
 from meshlib.errors import CircuitOpenError, DeadlineExceeded, RateLimitedError
 from meshlib.resilience.deadline import INBOUND_DEADLINE
 from meshlib.resilience.guard import ServiceGuard
-from meshlib.resilience.outcome import TIMEOUT, error_kind
+from meshlib.resilience.outcome import CONNECT_FAILURE, TIMEOUT, error_kind
 from meshlib.resilience.policy import IDEMPOTENT_METHODS, RoutePolicy
 
 Pick = Callable[[frozenset[str]], Endpoint]
@@ -174,7 +174,8 @@ class CallControl:
         self._record(attempt, None, kind)
         retry = self.policy.retry
         if retry is not None and retry.retries_error(kind, exc):
-            following = self._next(attempt)
+            # a connect failure never reached the server: safe to retry for any method
+            following = self._next(attempt, any_method=kind == CONNECT_FAILURE)
             if following is not None:
                 return following
         if kind == TIMEOUT and attempt.timeout is not None:
@@ -203,12 +204,12 @@ class CallControl:
         if self.guard is not None:
             self.guard.record(address, status, error)
 
-    def _next(self, attempt: Attempt) -> Attempt | None:
+    def _next(self, attempt: Attempt, any_method: bool = False) -> Attempt | None:
         retry = self.policy.retry
         assert retry is not None
         if attempt.number >= retry.attempts or not self.replayable:
             return None
-        if not retry.allows_method(self.method):
+        if not any_method and not retry.allows_method(self.method):
             return None
         delay = retry.backoff.delay(attempt.number, self._rng)
         if self.deadline is not None and self._clock() + delay >= self.deadline:

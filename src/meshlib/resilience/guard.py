@@ -117,8 +117,12 @@ class ServiceGuard:
                 self._avoid_until = 0.0
         if self.cluster_breaker is not None:
             self.cluster_breaker.record(not failed)
-        if self.outlier is not None:
-            self.outlier.record(address, status=status, connect_failure=error == CONNECT_FAILURE)
+        outlier = self.outlier
+        if outlier is not None:
+            ejected = outlier.ejected()
+            outlier.record(address, status=status, connect_failure=error == CONNECT_FAILURE)
+            if outlier.ejected() is not ejected:  # an ejection: the next pick must see it
+                self._avoid_until = 0.0
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"unavailable": sorted(self.unavailable())}
