@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python bench/run.py          # full run, ~2 min: bench/results/latest.json
-    .venv/bin/python bench/run.py --quick  # smoke run, ~25 s: bench/results/quick.json
+    .venv/bin/python bench/run.py --quick  # smoke run, ~21 s: bench/results/quick.json
 
 One uvicorn server (bench/server.py: uvloop + httptools, answers 200 ``ok``)
 runs in a subprocess on an ephemeral loopback port, so its CPU is not counted
@@ -81,6 +81,7 @@ class Settings:
     sync_rounds: int
     sync_requests: int  # per client per round
     sync_warmup: int
+    sync_in_situ: int  # run_sync calls timed after a real request (cold caches)
     async_rounds: int
     async_seconds: float  # per client per round
     async_max_requests: int  # bound on one block, whatever the speed
@@ -94,6 +95,7 @@ FULL = Settings(
     sync_rounds=9,
     sync_requests=4000,
     sync_warmup=500,
+    sync_in_situ=4000,
     async_rounds=5,
     async_seconds=3.0,
     async_max_requests=200_000,
@@ -106,6 +108,7 @@ QUICK = Settings(
     sync_rounds=3,
     sync_requests=800,
     sync_warmup=200,
+    sync_in_situ=1000,
     async_rounds=3,
     async_seconds=1.0,
     async_max_requests=50_000,
@@ -434,7 +437,44 @@ def bench_sync(mesh: Mesh, resilient: Mesh, port: int, s: Settings) -> dict[str,
     out["resilience_vs_mesh"] = paired_delta(rounds, "mesh_resilience", "mesh", metrics)
     out["resilience_vs_raw"] = paired_delta(rounds, "mesh_resilience", "raw_httpx", metrics)
     out["requests_per_round"] = s.sync_requests
+    with mesh.http_client() as meshed:
+        out["run_sync_no_io_in_situ"] = run_sync_in_situ(meshed, resilient, s.sync_in_situ)
     return out
+
+
+def run_sync_in_situ(meshed: httpx.Client, resilient: Mesh, n: int) -> dict[str, Any]:
+    """The resilience layer's own work, timed where it runs: ``run_sync`` around a
+    send that returns a canned 200 (as in the decision path), once right after each
+    of ``n`` real mesh requests, whose ~250 µs of httpx, httpcore and kernel work
+    leave the CPU caches cold, and ``n`` times back to back (hot, as timeit sees
+    it). µs per call, medians; the clock's own cost is subtracted."""
+    with httpx.Client(trust_env=False) as client:
+        request = client.build_request("GET", MESH_URL)
+    rng = random.Random(4)
+    plan = plan_request(resilient.snapshot, request, rng)
+    if plan is None or not plan.resilient:
+        raise RuntimeError("the resilient mesh should send the bench request through run_sync")
+    fake: Any = _NoIOTransport(rng, httpx.Response(200))
+    clock = time.perf_counter_ns
+    get = meshed.get
+    empty = med([-(clock() - clock()) for _ in range(1000)])
+    hot = [0] * n
+    cold = [0] * n
+    gc.collect()
+    for i in range(n):
+        t0 = clock()
+        run_sync(fake, request, plan)
+        hot[i] = clock() - t0
+    for i in range(n):
+        get(MESH_URL)
+        t0 = clock()
+        run_sync(fake, request, plan)
+        cold[i] = clock() - t0
+    return {
+        "after_request_us": (med(cold) - empty) / 1e3,
+        "back_to_back_us": (med(hot) - empty) / 1e3,
+        "calls": n,
+    }
 
 
 # -- 2. async --------------------------------------------------------------------------
@@ -839,6 +879,12 @@ def print_sync(sync: dict[str, Any], rounds: int) -> None:
     ):
         d = sync[key]
         print(f"{text:<24}{d['p50_us']:>+10.1f}{d['p99_us']:>+10.1f}{d['cpu_us']:>+12.1f}")
+    situ = sync["run_sync_no_io_in_situ"]
+    print(
+        f"run_sync without I/O (the layer's own work), median of {situ['calls']} calls: "
+        f"{situ['after_request_us']:.2f} µs right after a real request, "
+        f"{situ['back_to_back_us']:.2f} µs back to back"
+    )
 
 
 def print_async(a: dict[str, Any], rounds: int) -> None:
