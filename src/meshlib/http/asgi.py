@@ -45,7 +45,9 @@ class _Headers(Mapping[str, str]):
         if self._map is None:
             self._map = {}
             for key, value in self._raw:
-                self._map.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
+                # the last value wins: a mesh client appends its x-mesh-* headers after
+                # any the application forwarded
+                self._map[key.decode("latin-1").lower()] = value.decode("latin-1")
         return self._map
 
     def __getitem__(self, name: str) -> str:

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import random
 import time
+from collections.abc import Awaitable
 from concurrent import futures
 from typing import TYPE_CHECKING
 
@@ -51,11 +52,13 @@ def _control(
             limit = policy.retry.max_body_bytes if policy.retry is not None else 65536
             replayable = len(content) <= limit
             body = content if replayable else None
-    path, _, query = decision.target.partition("?")
-    view = RequestView(request.method, path, query, request.headers)
     cluster = decision.cluster
+    target = decision.target
 
     def pick(avoid: frozenset[str]) -> Endpoint:
+        # only retries and hedges pick again: build the request view then, not per call
+        path, _, query = target.partition("?")
+        view = RequestView(request.method, path, query, request.headers)
         return pick_another(cluster, view, rng, avoid)
 
     control = CallControl(
@@ -71,18 +74,27 @@ def _control(
     return control, body
 
 
+def _without_attempt_headers(plan: Plan) -> Plan:
+    """Drop x-mesh-attempt / x-mesh-timeout-ms the application forwarded from its
+    own inbound request: each attempt sends its own, once."""
+    headers = plan.headers
+    if not any(name[:8].lower() in _FORWARDED_PREFIXES for name, _ in headers):
+        return plan
+    kept = [(n, v) for n, v in headers if n.lower() not in (ATTEMPT_HEADER, TIMEOUT_HEADER)]
+    return Plan(plan.decision, kept, plan.target, plan.timeout, plan.resilient)
+
+
 def _attempt_plan(plan: Plan, attempt: Attempt) -> Plan:
-    # replace, never add to, attempt headers the application sent (forwarded from its
-    # own inbound request, say): the server reads the first one
-    headers = [
-        (name, value)
-        for name, value in plan.headers
-        if name.lower() not in (ATTEMPT_HEADER, TIMEOUT_HEADER)
-    ]
-    headers.append((ATTEMPT_HEADER, str(attempt.number).encode()))
+    number = attempt.number
+    value = _ATTEMPT_VALUES[number] if number < len(_ATTEMPT_VALUES) else b"%d" % number
+    headers = [*plan.headers, (ATTEMPT_HEADER, value)]
     if attempt.timeout is not None:
-        headers.append((TIMEOUT_HEADER, str(max(1, int(attempt.timeout * 1000))).encode()))
+        headers.append((TIMEOUT_HEADER, b"%d" % max(1, int(attempt.timeout * 1000))))
     return Plan(plan.decision, headers, plan.target, attempt.timeout)
+
+
+_ATTEMPT_VALUES = [b"%d" % number for number in range(12)]
+_FORWARDED_PREFIXES = (b"x-mesh-a", b"x-mesh-t")
 
 
 def _fault(plan: Plan, request: httpx.Request, rng: random.Random) -> Fault | None:
@@ -106,6 +118,7 @@ def _fault_response(status: int) -> httpx.Response:
 def run_sync(transport: MeshTransport, request: httpx.Request, plan: Plan) -> httpx.Response:
     """Timeouts, retries, budget, breakers, limits and faults around sync sends."""
     control, body = _control(plan, request, transport._rng)
+    plan = _without_attempt_headers(plan)
     control.admit()
     bulkhead, wait = _bulkhead(control)
     if bulkhead is not None and not bulkhead.enter_sync(wait):
@@ -141,6 +154,7 @@ async def run_async(
 ) -> httpx.Response:
     """The async twin of run_sync."""
     control, body = _control(plan, request, transport._rng)
+    plan = _without_attempt_headers(plan)
     control.admit()
     bulkhead, wait = _bulkhead(control)
     if bulkhead is not None and not await bulkhead.enter_async(wait):
@@ -192,24 +206,18 @@ def _race_sync(
     response closed when it arrives (a blocking socket read cannot be cancelled).
     """
 
-    def send(one: Attempt) -> Outcome:
-        control.started(one)
-        try:
-            return transport._send(request, one.endpoint, _attempt_plan(plan, one), body)
-        except httpx.TransportError as exc:
-            return exc
+    delay = control.hedge_delay()
+    executor = transport.hedge_executor() if delay is not None else None
+    if executor is None:
+        return attempt, _send_sync(transport, request, plan, control, attempt, body)
 
     def send_in_pool(one: Attempt) -> Outcome:
         transport.hedge_threads_busy += 1
         try:
-            return send(one)
+            return _send_sync(transport, request, plan, control, one, body)
         finally:
             transport.hedge_threads_busy -= 1
 
-    delay = control.hedge_delay()
-    executor = transport.hedge_executor() if delay is not None else None
-    if executor is None:
-        return attempt, send(attempt)
     racers = {executor.submit(send_in_pool, attempt): attempt}
     done, _ = futures.wait(racers, timeout=delay)
     if not done:
@@ -229,6 +237,36 @@ def _race_sync(
             _close_sync(outcome)
 
 
+def _send_sync(
+    transport: MeshTransport,
+    request: httpx.Request,
+    plan: Plan,
+    control: CallControl,
+    attempt: Attempt,
+    body: bytes | None,
+) -> Outcome:
+    control.started(attempt)
+    try:
+        return transport._send(request, attempt.endpoint, _attempt_plan(plan, attempt), body)
+    except httpx.TransportError as exc:
+        return exc
+
+
+async def _send_async(
+    transport: AsyncMeshTransport,
+    request: httpx.Request,
+    plan: Plan,
+    control: CallControl,
+    attempt: Attempt,
+    body: bytes | None,
+) -> Outcome:
+    control.started(attempt)
+    try:
+        return await transport._send(request, attempt.endpoint, _attempt_plan(plan, attempt), body)
+    except httpx.TransportError as exc:
+        return exc
+
+
 async def _race_async(
     transport: AsyncMeshTransport,
     request: httpx.Request,
@@ -239,16 +277,13 @@ async def _race_async(
 ) -> tuple[Attempt, Outcome]:
     """The async twin of _race_sync; the loser is cancelled."""
 
-    async def send(one: Attempt) -> Outcome:
-        control.started(one)
-        try:
-            return await transport._send(request, one.endpoint, _attempt_plan(plan, one), body)
-        except httpx.TransportError as exc:
-            return exc
-
     delay = control.hedge_delay()
     if delay is None:
-        return attempt, await send(attempt)
+        return attempt, await _send_async(transport, request, plan, control, attempt, body)
+
+    def send(one: Attempt) -> Awaitable[Outcome]:
+        return _send_async(transport, request, plan, control, one, body)
+
     racers = {asyncio.ensure_future(send(attempt)): attempt}
     done, _ = await asyncio.wait(racers, timeout=delay)
     if not done:
