@@ -114,7 +114,8 @@ class CallControl:
         Raises DeadlineExceeded when a fault delay or a wait for the bulkhead
         already used up the route's time.
         """
-        if self.deadline is not None and self._clock() >= self.deadline:
+        now = self._clock() if self.deadline is not None else 0.0
+        if self.deadline is not None and now >= self.deadline:
             timeout = self.policy.timeout or 0.0
             raise DeadlineExceeded(
                 f"{self.deadline_source} expired calling {self.service!r} before the first "
@@ -123,7 +124,7 @@ class CallControl:
                 seconds=timeout,
             )
         endpoint = self._usable(endpoint)
-        return self._attempt(endpoint, 1, 0.0)
+        return self._attempt(endpoint, 1, 0.0, now)
 
     # -- outcomes -----------------------------------------------------------------
 
@@ -249,14 +250,18 @@ class CallControl:
         )
 
     def started(self, attempt: Attempt) -> None:
-        attempt.started = self._clock()
+        hedge = self.policy.hedge
+        if hedge is not None and hedge.latencies is not None:  # only latencies need it
+            attempt.started = self._clock()
 
-    def _attempt(self, endpoint: Endpoint, number: int, delay: float) -> Attempt:
+    def _attempt(
+        self, endpoint: Endpoint, number: int, delay: float, now: float | None = None
+    ) -> Attempt:
         retry = self.policy.retry
         per_try = retry.per_try_timeout if retry is not None else None
         timeout, limit = per_try, "per-try timeout"
         if self.deadline is not None:
-            remaining = self.deadline - self._clock() - delay
+            remaining = self.deadline - (self._clock() if now is None else now) - delay
             if per_try is None or remaining < per_try:
                 timeout, limit = max(remaining, 0.001), self.deadline_source
         return Attempt(endpoint, number, timeout, limit, delay)

@@ -109,15 +109,25 @@ class ServiceGuard:
     def record(self, address: str, status: int | None, error: str | None) -> None:
         """Feed one attempt's outcome to breakers and outlier detection."""
         failed = error is not None or (status is not None and is_failure_status(status))
-        if self.breakers is not None:
-            breaker = self.breakers.for_key(address)
+        breakers = self.breakers
+        outlier = self.outlier
+        if not failed:
+            # a success can neither open a breaker nor eject: the avoid set stays valid
+            if breakers is not None:
+                breakers.for_key(address).record(True)
+            if self.cluster_breaker is not None:
+                self.cluster_breaker.record(True)
+            if outlier is not None:
+                outlier.record(address, status=status)
+            return
+        if breakers is not None:
+            breaker = breakers.for_key(address)
             before = breaker.state
-            breaker.record(not failed)
+            breaker.record(False)
             if breaker.state != before:
                 self._avoid_until = 0.0
         if self.cluster_breaker is not None:
-            self.cluster_breaker.record(not failed)
-        outlier = self.outlier
+            self.cluster_breaker.record(False)
         if outlier is not None:
             ejected = outlier.ejected()
             outlier.record(address, status=status, connect_failure=error == CONNECT_FAILURE)
