@@ -8,7 +8,7 @@ import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import httpx
 
@@ -20,10 +20,13 @@ from meshlib.errors import ConfigError, MeshError
 from meshlib.explain import explain_request
 from meshlib.filewatch import FileWatcher
 from meshlib.http.asgi import ASGIApp, MeshASGIMiddleware
-from meshlib.http.async_transport import AsyncMeshTransport
 from meshlib.http.sync_transport import MeshTransport
 from meshlib.resilience.decorator import resilient
 from meshlib.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    # imported when first used: aiohttp costs ~11 MiB that sync-only users don't need
+    from meshlib.http.async_transport import AsyncMeshTransport
 
 log = logging.getLogger("meshlib")
 P = ParamSpec("P")
@@ -136,6 +139,8 @@ class Mesh:
         limits: httpx.Limits | None = None,
     ) -> AsyncMeshTransport:
         """An httpx async transport to mount into your own ``httpx.AsyncClient``."""
+        from meshlib.http.async_transport import AsyncMeshTransport
+
         return AsyncMeshTransport(
             self._store, passthrough=passthrough, limits=limits, rng=self._rng, caller=self.service
         )

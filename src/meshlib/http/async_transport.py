@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from meshlib.endpoint import Endpoint
-from meshlib.http.errors import aiohttp_errors
+from meshlib.http.aiohttp_errors import aiohttp_errors
 from meshlib.http.plan import Plan, mirror_plan, plan_request
 from meshlib.http.resilient import run_async
 from meshlib.http.sync_transport import mirror_body

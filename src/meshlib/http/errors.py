@@ -1,12 +1,15 @@
 """Translate the wire libraries' exceptions into httpx's, so callers of a mesh
-client catch the same exceptions as with a plain httpx client."""
+client catch the same exceptions as with a plain httpx client.
+
+aiohttp's table lives in `meshlib.http.aiohttp_errors`, so that processes using
+only the sync client never import aiohttp (about 11 MiB).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from types import TracebackType
 
-import aiohttp
 import httpcore
 import httpx
 
@@ -27,7 +30,7 @@ _HTTPCORE: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
 )
 
 
-class _Translate:
+class Translate:
     """Context manager mapping wire exceptions to httpx's.
 
     A class, not ``@contextmanager``: it is entered several times per request
@@ -61,34 +64,9 @@ def _from_httpcore(exc: BaseException) -> httpx.HTTPError | None:
     return None
 
 
-def _from_aiohttp(exc: BaseException) -> httpx.HTTPError | None:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return httpx.ConnectTimeout(str(exc) or "connect timed out")
-    if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
-        return httpx.ReadTimeout(str(exc) or "read timed out")
-    for source, target in _AIOHTTP:
-        if isinstance(exc, source):
-            return target(str(exc) or source.__name__)
-    return None
+_HTTPCORE_ERRORS = Translate(_from_httpcore)
 
 
-_AIOHTTP: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
-    (aiohttp.ClientConnectorError, httpx.ConnectError),
-    (aiohttp.ServerDisconnectedError, httpx.RemoteProtocolError),
-    (aiohttp.ClientPayloadError, httpx.ReadError),
-    (aiohttp.ClientOSError, httpx.NetworkError),
-    (aiohttp.ClientError, httpx.TransportError),
-)
-
-_HTTPCORE_ERRORS = _Translate(_from_httpcore)
-_AIOHTTP_ERRORS = _Translate(_from_aiohttp)
-
-
-def httpcore_errors() -> _Translate:
+def httpcore_errors() -> Translate:
     """``with httpcore_errors():`` raises httpx exceptions for httpcore ones."""
     return _HTTPCORE_ERRORS
-
-
-def aiohttp_errors() -> _Translate:
-    """``with aiohttp_errors():`` raises httpx exceptions for aiohttp ones."""
-    return _AIOHTTP_ERRORS
