@@ -97,10 +97,3 @@ class Snapshot:
     inbound: Mapping[str, InboundPolicy] = field(default_factory=dict)
     # a service's own policy (its routes aside), used by @mesh.resilient
     service_policies: Mapping[str, RoutePolicy | None] = field(default_factory=dict)
-
-    @property
-    def service_names(self) -> tuple[str, ...]:
-        return tuple(self.services)
-
-
-EMPTY_SNAPSHOT_VERSION = 0

@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 
+from meshlib.config.durations import parse_duration
 from meshlib.config.model import Defaults, RouteConfig, ServiceConfig
 from meshlib.config.resilience_model import (
     FaultsConfig,
@@ -150,8 +151,6 @@ def _hedge_plan(
             lambda: LatencyWindow(quantile, min_samples=config.min_samples),
         )
         return HedgePlan(None, window, budget)
-    from meshlib.config.durations import parse_duration
-
     return HedgePlan(parse_duration(config.hedge_after), None, budget)
 
 

@@ -14,7 +14,7 @@ from meshlib.endpoint import Endpoint
 from meshlib.errors import CircuitOpenError, DeadlineExceeded, RateLimitedError
 from meshlib.resilience.deadline import INBOUND_DEADLINE
 from meshlib.resilience.guard import ServiceGuard
-from meshlib.resilience.outcome import CONNECT_FAILURE, TIMEOUT, error_kind
+from meshlib.resilience.outcome import CONNECT_FAILURE, TIMEOUT, deadline_exceeded, error_kind
 from meshlib.resilience.policy import IDEMPOTENT_METHODS, RoutePolicy
 
 Pick = Callable[[frozenset[str]], Endpoint]
@@ -48,11 +48,9 @@ class CallControl:
         "deadline",
         "deadline_source",
         "guard",
-        "hedged",
         "method",
         "policy",
         "replayable",
-        "retried",
         "service",
     )
 
@@ -78,8 +76,6 @@ class CallControl:
         self._rng = rng
         self._tried: set[str] = set()
         self._holds_retry_slot = False
-        self.retried = 0
-        self.hedged = 0
         timeout = policy.timeout
         self.deadline = clock() + timeout if timeout else None
         self.deadline_source = "route timeout"
@@ -151,7 +147,6 @@ class CallControl:
             return None
         if endpoint.address in avoid:
             return None  # a backup to the same endpoint only doubles its load
-        self.hedged += 1
         return self._attempt(endpoint, attempt.number + 1, 0.0)
 
     def settle(self, attempt: Attempt, status: int | None, exc: BaseException | None) -> None:
@@ -180,14 +175,12 @@ class CallControl:
             if following is not None:
                 return following
         if kind == TIMEOUT and attempt.timeout is not None:
-            seconds = attempt.timeout
-            if attempt.limit == "route timeout" and self.policy.timeout is not None:
-                seconds = self.policy.timeout
-            raise DeadlineExceeded(
-                f"{attempt.limit} of {seconds:g}s fired calling {self.service!r} "
-                f"(attempt {attempt.number}, endpoint {attempt.endpoint.address})",
-                limit=attempt.limit,
-                seconds=seconds,
+            raise deadline_exceeded(
+                attempt.limit,
+                attempt.timeout,
+                self.policy.timeout,
+                f"calling {self.service!r} (attempt {attempt.number}, "
+                f"endpoint {attempt.endpoint.address})",
             ) from exc
         raise exc
 
@@ -231,7 +224,6 @@ class CallControl:
         budget = self.policy.budget
         if budget is not None and not budget.try_acquire_retry():
             return None
-        self.retried += 1
         return self._attempt(endpoint, attempt.number + 1, delay)
 
     def _usable(self, endpoint: Endpoint) -> Endpoint:

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 import pybreaker
 
@@ -61,6 +61,23 @@ class _Listener(pybreaker.CircuitBreakerListener):
         new_state: pybreaker.CircuitBreakerState,
     ) -> None:
         self._owner._transition(old_state.name if old_state is not None else CLOSED, new_state.name)
+
+
+class _Observable(Protocol):
+    _lock: threading.Lock
+    _callbacks: tuple[ChangeCallback, ...]
+
+
+def _subscribe(owner: _Observable, callback: ChangeCallback) -> Callable[[], None]:
+    """Add a state-change callback under the owner's lock; returns the unsubscribe."""
+    with owner._lock:
+        owner._callbacks = (*owner._callbacks, callback)
+
+    def unsubscribe() -> None:
+        with owner._lock:
+            owner._callbacks = tuple(c for c in owner._callbacks if c is not callback)
+
+    return unsubscribe
 
 
 class Breaker:
@@ -246,14 +263,7 @@ class Breaker:
         Callbacks run on the thread that caused the transition, outside the breaker's
         lock; an exception in one is logged and does not reach the request.
         """
-        with self._lock:
-            self._callbacks = (*self._callbacks, callback)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                self._callbacks = tuple(c for c in self._callbacks if c is not callback)
-
-        return unsubscribe
+        return _subscribe(self, callback)
 
     def describe(self) -> dict[str, object]:
         """JSON-serialisable view for explain and config_dump."""
@@ -407,14 +417,7 @@ class BreakerBoard:
 
     def on_change(self, callback: ChangeCallback) -> Callable[[], None]:
         """Observe transitions of every breaker on the board; returns an unsubscribe."""
-        with self._lock:
-            self._callbacks = (*self._callbacks, callback)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                self._callbacks = tuple(c for c in self._callbacks if c is not callback)
-
-        return unsubscribe
+        return _subscribe(self, callback)
 
     def describe(self) -> dict[str, dict[str, object]]:
         """``describe()`` of every breaker, by key."""

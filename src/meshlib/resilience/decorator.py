@@ -18,7 +18,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import httpx
 
 from meshlib.errors import CircuitOpenError, DeadlineExceeded, UnknownServiceError
-from meshlib.resilience.outcome import error_kind
+from meshlib.resilience.outcome import deadline_exceeded, error_kind
 from meshlib.resilience.policy import RoutePolicy
 from meshlib.snapshot import Snapshot
 
@@ -96,13 +96,12 @@ class _Run:
         return delay
 
     def timed_out(self, seconds: float) -> DeadlineExceeded:
-        if self.limit == "route timeout" and self.policy is not None and self.policy.timeout:
-            seconds = self.policy.timeout
-        return DeadlineExceeded(
-            f"@resilient({self.service!r}): {self.limit} of {seconds:g}s fired "
-            f"(attempt {self.attempt})",
-            limit=self.limit,
-            seconds=seconds,
+        route_timeout = self.policy.timeout if self.policy is not None else None
+        return deadline_exceeded(
+            self.limit,
+            seconds,
+            route_timeout,
+            f"in @resilient({self.service!r}) (attempt {self.attempt})",
         )
 
 

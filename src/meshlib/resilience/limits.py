@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 import threading
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
@@ -13,25 +14,24 @@ from typing import TypeVar
 log = logging.getLogger("meshlib.resilience")
 
 
-class _Waiter:
+class _Waiter(ABC):
     """A caller queued for a request slot. ``granted`` is only touched under the lock."""
 
     __slots__ = ("granted",)
 
-    def __init__(self, lock: threading.Lock) -> None:
-        # ``lock`` is the bulkhead's, for waiters that sleep on it (threads).
+    def __init__(self) -> None:
         self.granted = False
 
+    @abstractmethod
     def wake(self) -> bool:
         """Tell the waiter it got the slot; False if it can no longer be told."""
-        raise NotImplementedError
 
 
 class _ThreadWaiter(_Waiter):
     __slots__ = ("cond",)
 
     def __init__(self, lock: threading.Lock) -> None:
-        super().__init__(lock)
+        super().__init__()
         # One condition per waiter on the shared lock: a grant wakes exactly its thread.
         self.cond = threading.Condition(lock)
 
@@ -49,7 +49,8 @@ class _TaskWaiter(_Waiter):
     __slots__ = ("future", "loop")
 
     def __init__(self, lock: threading.Lock) -> None:
-        super().__init__(lock)
+        super().__init__()
+        del lock  # same constructor as _ThreadWaiter; a task sleeps on its future
         self.loop = asyncio.get_running_loop()
         self.future: asyncio.Future[None] = self.loop.create_future()
 

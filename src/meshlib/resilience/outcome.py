@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import httpx
 
+from meshlib.errors import DeadlineExceeded
+
 CONNECT_FAILURE = "connect-failure"
 RESET = "reset"
 TIMEOUT = "timeout"
@@ -34,3 +36,12 @@ def error_kind(exc: BaseException) -> str:
 def is_failure_status(status: int) -> bool:
     """What breakers and outlier detection count as a failure of the endpoint."""
     return status >= 500
+
+
+def deadline_exceeded(
+    limit: str, seconds: float, route_timeout: float | None, where: str
+) -> DeadlineExceeded:
+    """The error for an expired limit; a route timeout reports its configured value."""
+    if limit == "route timeout" and route_timeout:
+        seconds = route_timeout
+    return DeadlineExceeded(f"{limit} of {seconds:g}s fired {where}", limit=limit, seconds=seconds)

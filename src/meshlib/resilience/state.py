@@ -39,7 +39,3 @@ class StateTable:
         """End a compile: drop objects the new snapshot did not ask for."""
         with self._lock:
             self._objects = {k: v for k, v in self._objects.items() if k in self._used}
-
-    def items(self) -> list[tuple[tuple[str, ...], Any]]:
-        with self._lock:
-            return list(self._objects.items())
