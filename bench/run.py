@@ -48,7 +48,7 @@ import httpx
 from meshlib import Mesh
 from meshlib.balancing import make_balancer
 from meshlib.endpoint import Endpoint
-from meshlib.http.plan import Plan, plan_request
+from meshlib.http.plan import plan_request
 from meshlib.http.resilient import run_sync
 from meshlib.resilience.attempts import CallControl
 from meshlib.routing.decide import decide, find_route, pick_cluster, pick_endpoint
@@ -679,7 +679,13 @@ class _NoIOTransport:
         self._response = response
 
     def _send(
-        self, request: httpx.Request, endpoint: Endpoint, plan: Plan, content: bytes | None = None
+        self,
+        request: httpx.Request,
+        endpoint: Endpoint,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        timeout: float | None,
+        content: bytes | None = None,
     ) -> httpx.Response:
         return self._response
 

@@ -45,13 +45,13 @@ class Endpoint:
     priority: int = 0
     healthy: bool = True
     load: EndpointLoad = field(default_factory=EndpointLoad, compare=False, repr=False)
+    address: str = field(init=False, compare=False, repr=False)
+    """``host:port``, with IPv6 hosts in brackets; computed once, read on every request."""
 
-    @property
-    def address(self) -> str:
-        """``host:port``, with IPv6 hosts in brackets."""
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        host = self.host
+        address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        object.__setattr__(self, "address", address)
 
     def describe(self) -> dict[str, object]:
         """JSON-serialisable view for explain and config_dump."""

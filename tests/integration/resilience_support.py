@@ -214,8 +214,9 @@ def seen_total(*ups: Upstream) -> int:
 
 
 def attempts_seen(up: Upstream) -> list[str]:
-    """The ``x-mesh-attempt`` header of every request an upstream received."""
-    return [record["headers"].get("x-mesh-attempt", "") for record in up.seen]
+    """The attempt number of every request an upstream received: its ``x-mesh-attempt``
+    header, and "1" where there is none (the first attempt carries no such header)."""
+    return [record["headers"].get("x-mesh-attempt", "1") for record in up.seen]
 
 
 def errors_of(outcomes: Iterable[Outcome]) -> list[BaseException]:

@@ -104,15 +104,24 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             self._start_mirror(plan, request)
         if plan.resilient:
             return await run_async(self, request, plan)
-        return await self._send(request, plan.decision.endpoint, plan)
+        return await self._send(
+            request, plan.decision.endpoint, plan.target, plan.headers, plan.timeout
+        )
 
     async def _send(
-        self, request: httpx.Request, endpoint: Endpoint, plan: Plan, body: Any = None
+        self,
+        request: httpx.Request,
+        endpoint: Endpoint,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        timeout: float | None,
+        body: Any = None,
     ) -> httpx.Response:
+        """Send to one endpoint; ``timeout`` (seconds) replaces the client's timeouts."""
         if body is None:
             body = _body_of(request)
         session = self._get_session()
-        path, _, query = plan.target.decode("ascii").partition("?")
+        path, _, query = target.decode("ascii").partition("?")
         url = URL.build(
             scheme="http",
             host=endpoint.host,
@@ -121,11 +130,10 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             query_string=query,
             encoded=True,
         )
-        headers = CIMultiDict((n.decode("latin-1"), v.decode("latin-1")) for n, v in plan.headers)
+        wire_headers = CIMultiDict((n.decode("latin-1"), v.decode("latin-1")) for n, v in headers)
         # aiohttp frames the body itself (chunked when its size is unknown) and
         # refuses a body it must chunk when httpx's Transfer-Encoding is present
-        headers.popall("Transfer-Encoding", None)
-        timeout = _client_timeout(request, plan)
+        wire_headers.popall("Transfer-Encoding", None)
         load = endpoint.load
         load.inflight += 1
         load.total += 1
@@ -134,10 +142,10 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 response = await session.request(
                     request.method,
                     url,
-                    headers=headers,
+                    headers=wire_headers,
                     data=body,
                     allow_redirects=False,
-                    timeout=timeout,
+                    timeout=_client_timeout(request, timeout),
                     compress=None,
                 )
         except BaseException:
@@ -171,7 +179,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             view = RequestView(request.method, path, query, request.headers)
             endpoint = pick_endpoint(cluster, view, self._rng)
             copy_plan = mirror_plan(plan, self._store.config.mirroring.timeout)
-            response = await self._send(request, endpoint, copy_plan, body)
+            response = await self._send(
+                request, endpoint, copy_plan.target, copy_plan.headers, copy_plan.timeout, body
+            )
             try:
                 await response.aread()
             finally:
@@ -199,9 +209,9 @@ def _body_of(request: httpx.Request) -> Any:
     return content or None
 
 
-def _client_timeout(request: httpx.Request, plan: Plan) -> aiohttp.ClientTimeout:
-    if plan.timeout is not None:
-        return aiohttp.ClientTimeout(total=None, connect=plan.timeout, sock_read=plan.timeout)
+def _client_timeout(request: httpx.Request, timeout: float | None) -> aiohttp.ClientTimeout:
+    if timeout is not None:
+        return aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
     spec = request.extensions.get("timeout") or {}
     return aiohttp.ClientTimeout(
         total=None,

@@ -101,17 +101,3 @@ def mirror_plan(plan: Plan, limit: float) -> Plan:
     headers = [(n, v + b"-shadow" if n.lower() == HOST else v) for n, v in plan.headers]
     timeout = limit if plan.timeout is None else min(plan.timeout, limit)
     return Plan(plan.decision, headers, plan.target, timeout)
-
-
-def timeout_extension(
-    current: dict[str, float | None] | None, route_timeout: float | None
-) -> dict[str, float | None] | None:
-    """The route's timeout applies to connect, write, read and pool waits."""
-    if route_timeout is None:
-        return current
-    return {
-        "connect": route_timeout,
-        "read": route_timeout,
-        "write": route_timeout,
-        "pool": route_timeout,
-    }

@@ -20,6 +20,7 @@ import httpx
 from meshlib.endpoint import Endpoint
 from meshlib.errors import OverloadedError
 from meshlib.http.plan import Plan
+from meshlib.resilience import fastlane
 from meshlib.resilience.attempts import Attempt, CallControl
 from meshlib.resilience.faults import Fault, decide_fault
 from meshlib.resilience.limits import Bulkhead
@@ -36,9 +37,31 @@ TIMEOUT_HEADER = b"x-mesh-timeout-ms"
 FAULT_HEADER = b"x-mesh-fault"
 
 
-def _control(
-    plan: Plan, request: httpx.Request, rng: random.Random
-) -> tuple[CallControl, bytes | None]:
+class _Send:
+    """What every attempt of one call sends: the request, its target, the headers
+    without attempt headers, and the buffered body (None: send the request's own)."""
+
+    __slots__ = ("body", "decision", "headers", "request", "rng", "target")
+
+    def __init__(
+        self, request: httpx.Request, plan: Plan, rng: random.Random, body: bytes | None
+    ) -> None:
+        self.request = request
+        self.decision = plan.decision
+        self.target = plan.target
+        self.rng = rng
+        self.body = body
+        self.headers = _own_headers(plan.headers)
+
+    def pick(self, avoid: frozenset[str]) -> Endpoint:
+        """Another endpoint for a retry or hedge (the request view is built only then)."""
+        path, _, query = self.decision.target.partition("?")
+        request = self.request
+        view = RequestView(request.method, path, query, request.headers)
+        return pick_another(self.decision.cluster, view, self.rng, avoid)
+
+
+def _prepare(plan: Plan, request: httpx.Request, rng: random.Random) -> tuple[CallControl, _Send]:
     decision = plan.decision
     policy = decision.route.action.policy or NO_POLICY
     body = None
@@ -52,62 +75,70 @@ def _control(
             limit = policy.retry.max_body_bytes if policy.retry is not None else 65536
             replayable = len(content) <= limit
             body = content if replayable else None
-    cluster = decision.cluster
-    target = decision.target
-
-    def pick(avoid: frozenset[str]) -> Endpoint:
-        # only retries and hedges pick again: build the request view then, not per call
-        path, _, query = target.partition("?")
-        view = RequestView(request.method, path, query, request.headers)
-        return pick_another(cluster, view, rng, avoid)
-
+    send = _Send(request, plan, rng, body)
     control = CallControl(
         decision.service.name,
         policy,
-        cluster.guard,
-        pick,
+        decision.cluster.guard,
+        send.pick,
         method=request.method,
         replayable=replayable,
         clock=time.monotonic,
         rng=rng,
     )
-    return control, body
+    return control, send
 
 
-def _without_attempt_headers(plan: Plan) -> Plan:
-    """Drop x-mesh-attempt / x-mesh-timeout-ms the application forwarded from its
-    own inbound request: each attempt sends its own, once."""
-    headers = plan.headers
-    if not any(name[:8].lower() in _FORWARDED_PREFIXES for name, _ in headers):
-        return plan
-    kept = [(n, v) for n, v in headers if n.lower() not in (ATTEMPT_HEADER, TIMEOUT_HEADER)]
-    return Plan(plan.decision, kept, plan.target, plan.timeout, plan.resilient)
+Headers = list[tuple[bytes, bytes]]
+_ATTEMPT_HEADERS = frozenset((ATTEMPT_HEADER, TIMEOUT_HEADER))
 
 
-def _attempt_plan(plan: Plan, attempt: Attempt) -> Plan:
+def _own_headers(headers: Headers) -> Headers:
+    """The headers without x-mesh-attempt / x-mesh-timeout-ms that the application
+    forwarded from its own inbound request: each attempt sends its own, once."""
+    for name, _ in headers:  # lower() and a set: the cheapest test between real requests
+        if name.lower() in _ATTEMPT_HEADERS:
+            return [(n, v) for n, v in headers if n.lower() not in _ATTEMPT_HEADERS]
+    return headers
+
+
+def _first_headers(headers: Headers, timeout: float | None) -> Headers:
+    """The first attempt's headers: the application's own, and the time limit."""
+    for name, _ in headers:  # _own_headers, inlined
+        if name.lower() in _ATTEMPT_HEADERS:
+            headers = [(n, v) for n, v in headers if n.lower() not in _ATTEMPT_HEADERS]
+            break
+    if timeout is None:
+        return headers
+    return [*headers, (TIMEOUT_HEADER, b"%d" % max(1, int(timeout * 1000)))]
+
+
+def _attempt_headers(headers: Headers, attempt: Attempt) -> Headers:
+    """The headers of one attempt: its time limit, and its number from the second on
+    (gRPC's convention: no attempt header means the first attempt)."""
     number = attempt.number
-    value = _ATTEMPT_VALUES[number] if number < len(_ATTEMPT_VALUES) else b"%d" % number
-    headers = [*plan.headers, (ATTEMPT_HEADER, value)]
-    if attempt.timeout is not None:
-        headers.append((TIMEOUT_HEADER, b"%d" % max(1, int(attempt.timeout * 1000))))
-    return Plan(plan.decision, headers, plan.target, attempt.timeout)
+    if number > 1:
+        value = _ATTEMPT_VALUES[number] if number < len(_ATTEMPT_VALUES) else b"%d" % number
+        headers = [*headers, (ATTEMPT_HEADER, value)]
+        if attempt.timeout is None:
+            return headers
+    elif attempt.timeout is None:
+        return headers
+    return [*headers, (TIMEOUT_HEADER, b"%d" % max(1, int(attempt.timeout * 1000)))]
 
 
 _ATTEMPT_VALUES = [b"%d" % number for number in range(12)]
-_FORWARDED_PREFIXES = (b"x-mesh-a", b"x-mesh-t")
 
 
-def _fault(plan: Plan, request: httpx.Request, rng: random.Random) -> Fault | None:
-    policy = plan.decision.route.action.policy
-    if policy is None or policy.faults is None:
-        return None
-    return decide_fault(policy.faults, request.headers, rng)
+def _fault(control: CallControl, request: httpx.Request, rng: random.Random) -> Fault | None:
+    faults = control.policy.faults
+    return None if faults is None else decide_fault(faults, request.headers, rng)
 
 
-def _bulkhead(control: CallControl) -> tuple[Bulkhead | None, float]:
+def _line(control: CallControl) -> tuple[Bulkhead, float]:
+    """The bulkhead to wait in when ``admit`` found no free slot, and for how long."""
     guard = control.guard
-    if guard is None:
-        return None, 0.0
+    assert guard is not None and guard.bulkhead is not None
     return guard.bulkhead, guard.pending_timeout
 
 
@@ -116,73 +147,145 @@ def _fault_response(status: int) -> httpx.Response:
 
 
 def run_sync(transport: MeshTransport, request: httpx.Request, plan: Plan) -> httpx.Response:
-    """Timeouts, retries, budget, breakers, limits and faults around sync sends."""
-    control, body = _control(plan, request, transport._rng)
-    plan = _without_attempt_headers(plan)
-    control.admit()
-    bulkhead, wait = _bulkhead(control)
-    if bulkhead is not None and not bulkhead.enter_sync(wait):
-        raise OverloadedError(_overflow(control))
+    """Timeouts, retries, budget, breakers, limits and faults around sync sends.
+
+    The first attempt goes through the fast lane when it can; anything beyond a
+    first response that ends the call is handed to the attempt loop."""
+    decision = plan.decision
+    policy = decision.route.action.policy or NO_POLICY
+    guard = decision.cluster.guard
+    endpoint = decision.endpoint
+    entry = fastlane.enter(policy, guard, endpoint.address, time.monotonic())
+    if entry is None:
+        return _loop_sync(transport, request, plan, None, None)
     try:
-        fault = _fault(plan, request, transport._rng)
-        if fault is not None:
-            if fault.delay:
-                time.sleep(fault.delay)
-            if fault.abort_status is not None:
-                return _fault_response(fault.abort_status)
-        attempt = control.first(plan.decision.endpoint)
+        headers = _first_headers(plan.headers, entry.timeout)
+        response = transport._send(request, endpoint, plan.target, headers, entry.timeout)
+    except httpx.TransportError as exc:
+        return _loop_sync(transport, request, plan, entry, exc)
+    except BaseException:
+        fastlane.leave(guard)
+        raise
+    if fastlane.settle(policy, guard, endpoint.address, response.status_code):
+        return response
+    return _loop_sync(transport, request, plan, entry, response)
+
+
+def _loop_sync(
+    transport: MeshTransport,
+    request: httpx.Request,
+    plan: Plan,
+    entry: fastlane.Entry | None,
+    outcome: Outcome | None,
+) -> httpx.Response:
+    """The attempt loop: from the start (no ``entry``), or after the fast lane's first
+    attempt, whose ``outcome`` it records first."""
+    control, send = _prepare(plan, request, transport._rng)
+    try:
+        if entry is not None:
+            attempt = control.resume(entry, plan.decision.endpoint)
+        else:
+            if not control.admit():
+                bulkhead, wait = _line(control)
+                if not bulkhead.enter_sync(wait):
+                    raise OverloadedError(_overflow(control))
+                control.holds_slot = True
+            fault = _fault(control, request, transport._rng)
+            if fault is not None:
+                if fault.delay:
+                    time.sleep(fault.delay)
+                if fault.abort_status is not None:
+                    return _fault_response(fault.abort_status)
+            attempt = control.first(plan.decision.endpoint)
         while True:
-            if attempt.delay:
-                time.sleep(attempt.delay)
-            attempt, outcome = _race_sync(transport, request, plan, control, attempt, body)
+            if outcome is None:
+                if attempt.delay:
+                    time.sleep(attempt.delay)
+                if control.policy.hedge is None:
+                    outcome = _send_sync(transport, send, control, attempt)
+                else:
+                    attempt, outcome = _race_sync(transport, send, control, attempt)
             if not isinstance(outcome, httpx.Response):
                 attempt = control.on_error(attempt, outcome)
+                outcome = None
                 continue
             following = control.on_status(attempt, outcome.status_code)
             if following is None:
                 return outcome
             outcome.close()
-            attempt = following
+            attempt, outcome = following, None
     finally:
         control.finish()
-        if bulkhead is not None:
-            bulkhead.exit()
 
 
 async def run_async(
     transport: AsyncMeshTransport, request: httpx.Request, plan: Plan
 ) -> httpx.Response:
     """The async twin of run_sync."""
-    control, body = _control(plan, request, transport._rng)
-    plan = _without_attempt_headers(plan)
-    control.admit()
-    bulkhead, wait = _bulkhead(control)
-    if bulkhead is not None and not await bulkhead.enter_async(wait):
-        raise OverloadedError(_overflow(control))
+    decision = plan.decision
+    policy = decision.route.action.policy or NO_POLICY
+    guard = decision.cluster.guard
+    endpoint = decision.endpoint
+    entry = fastlane.enter(policy, guard, endpoint.address, time.monotonic())
+    if entry is None:
+        return await _loop_async(transport, request, plan, None, None)
     try:
-        fault = _fault(plan, request, transport._rng)
-        if fault is not None:
-            if fault.delay:
-                await asyncio.sleep(fault.delay)
-            if fault.abort_status is not None:
-                return _fault_response(fault.abort_status)
-        attempt = control.first(plan.decision.endpoint)
+        headers = _first_headers(plan.headers, entry.timeout)
+        response = await transport._send(request, endpoint, plan.target, headers, entry.timeout)
+    except httpx.TransportError as exc:
+        return await _loop_async(transport, request, plan, entry, exc)
+    except BaseException:
+        fastlane.leave(guard)
+        raise
+    if fastlane.settle(policy, guard, endpoint.address, response.status_code):
+        return response
+    return await _loop_async(transport, request, plan, entry, response)
+
+
+async def _loop_async(
+    transport: AsyncMeshTransport,
+    request: httpx.Request,
+    plan: Plan,
+    entry: fastlane.Entry | None,
+    outcome: Outcome | None,
+) -> httpx.Response:
+    """The async twin of _loop_sync."""
+    control, send = _prepare(plan, request, transport._rng)
+    try:
+        if entry is not None:
+            attempt = control.resume(entry, plan.decision.endpoint)
+        else:
+            if not control.admit():
+                bulkhead, wait = _line(control)
+                if not await bulkhead.enter_async(wait):
+                    raise OverloadedError(_overflow(control))
+                control.holds_slot = True
+            fault = _fault(control, request, transport._rng)
+            if fault is not None:
+                if fault.delay:
+                    await asyncio.sleep(fault.delay)
+                if fault.abort_status is not None:
+                    return _fault_response(fault.abort_status)
+            attempt = control.first(plan.decision.endpoint)
         while True:
-            if attempt.delay:
-                await asyncio.sleep(attempt.delay)
-            attempt, outcome = await _race_async(transport, request, plan, control, attempt, body)
+            if outcome is None:
+                if attempt.delay:
+                    await asyncio.sleep(attempt.delay)
+                if control.policy.hedge is None:
+                    outcome = await _send_async(transport, send, control, attempt)
+                else:
+                    attempt, outcome = await _race_async(transport, send, control, attempt)
             if not isinstance(outcome, httpx.Response):
                 attempt = control.on_error(attempt, outcome)
+                outcome = None
                 continue
             following = control.on_status(attempt, outcome.status_code)
             if following is None:
                 return outcome
             await outcome.aclose()
-            attempt = following
+            attempt, outcome = following, None
     finally:
         control.finish()
-        if bulkhead is not None:
-            bulkhead.exit()
 
 
 Outcome = httpx.Response | httpx.TransportError
@@ -193,14 +296,9 @@ def _good(outcome: Outcome) -> bool:
 
 
 def _race_sync(
-    transport: MeshTransport,
-    request: httpx.Request,
-    plan: Plan,
-    control: CallControl,
-    attempt: Attempt,
-    body: bytes | None,
+    transport: MeshTransport, send: _Send, control: CallControl, attempt: Attempt
 ) -> tuple[Attempt, Outcome]:
-    """Send one attempt; with hedging, race a backup after the hedge delay.
+    """Send one attempt and race a backup after the hedge delay.
 
     The first good answer wins; the loser's outcome is recorded and its
     response closed when it arrives (a blocking socket read cannot be cancelled).
@@ -209,12 +307,12 @@ def _race_sync(
     delay = control.hedge_delay()
     executor = transport.hedge_executor() if delay is not None else None
     if executor is None:
-        return attempt, _send_sync(transport, request, plan, control, attempt, body)
+        return attempt, _send_sync(transport, send, control, attempt)
 
     def send_in_pool(one: Attempt) -> Outcome:
         transport.hedge_threads_busy += 1
         try:
-            return _send_sync(transport, request, plan, control, one, body)
+            return _send_sync(transport, send, control, one)
         finally:
             transport.hedge_threads_busy -= 1
 
@@ -238,58 +336,51 @@ def _race_sync(
 
 
 def _send_sync(
-    transport: MeshTransport,
-    request: httpx.Request,
-    plan: Plan,
-    control: CallControl,
-    attempt: Attempt,
-    body: bytes | None,
+    transport: MeshTransport, send: _Send, control: CallControl, attempt: Attempt
 ) -> Outcome:
-    control.started(attempt)
+    if control.timed:
+        control.started(attempt)
+    headers = _attempt_headers(send.headers, attempt)
     try:
-        return transport._send(request, attempt.endpoint, _attempt_plan(plan, attempt), body)
+        return transport._send(
+            send.request, attempt.endpoint, send.target, headers, attempt.timeout, send.body
+        )
     except httpx.TransportError as exc:
         return exc
 
 
 async def _send_async(
-    transport: AsyncMeshTransport,
-    request: httpx.Request,
-    plan: Plan,
-    control: CallControl,
-    attempt: Attempt,
-    body: bytes | None,
+    transport: AsyncMeshTransport, send: _Send, control: CallControl, attempt: Attempt
 ) -> Outcome:
-    control.started(attempt)
+    if control.timed:
+        control.started(attempt)
+    headers = _attempt_headers(send.headers, attempt)
     try:
-        return await transport._send(request, attempt.endpoint, _attempt_plan(plan, attempt), body)
+        return await transport._send(
+            send.request, attempt.endpoint, send.target, headers, attempt.timeout, send.body
+        )
     except httpx.TransportError as exc:
         return exc
 
 
 async def _race_async(
-    transport: AsyncMeshTransport,
-    request: httpx.Request,
-    plan: Plan,
-    control: CallControl,
-    attempt: Attempt,
-    body: bytes | None,
+    transport: AsyncMeshTransport, send: _Send, control: CallControl, attempt: Attempt
 ) -> tuple[Attempt, Outcome]:
     """The async twin of _race_sync; the loser is cancelled."""
 
     delay = control.hedge_delay()
     if delay is None:
-        return attempt, await _send_async(transport, request, plan, control, attempt, body)
+        return attempt, await _send_async(transport, send, control, attempt)
 
-    def send(one: Attempt) -> Awaitable[Outcome]:
-        return _send_async(transport, request, plan, control, one, body)
+    def send_one(one: Attempt) -> Awaitable[Outcome]:
+        return _send_async(transport, send, control, one)
 
-    racers = {asyncio.ensure_future(send(attempt)): attempt}
+    racers = {asyncio.ensure_future(send_one(attempt)): attempt}
     done, _ = await asyncio.wait(racers, timeout=delay)
     if not done:
         backup = control.hedge(attempt)
         if backup is not None:
-            racers[asyncio.ensure_future(send(backup))] = backup
+            racers[asyncio.ensure_future(send_one(backup))] = backup
     pending = set(racers)
     handled: set[asyncio.Future[Outcome]] = set()
     try:

@@ -14,7 +14,7 @@ import httpx
 
 from meshlib.endpoint import Endpoint
 from meshlib.http.errors import httpcore_errors
-from meshlib.http.plan import Plan, mirror_plan, plan_request, timeout_extension
+from meshlib.http.plan import Plan, mirror_plan, plan_request
 from meshlib.http.resilient import run_sync
 from meshlib.routing.decide import pick_endpoint
 from meshlib.routing.request import RequestView
@@ -84,23 +84,24 @@ class MeshTransport(httpx.BaseTransport):
             self._mirror.submit(self, plan, request)
         if plan.resilient:
             return run_sync(self, request, plan)
-        return self._send(request, plan.decision.endpoint, plan)
+        return self._send(request, plan.decision.endpoint, plan.target, plan.headers, plan.timeout)
 
     def _send(
         self,
         request: httpx.Request,
         endpoint: Endpoint,
-        plan: Plan,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        timeout: float | None,
         content: bytes | None = None,
     ) -> httpx.Response:
+        """Send to one endpoint; ``timeout`` (seconds) replaces the client's timeouts."""
         core_request = httpcore.Request(
             method=request.method,
-            url=httpcore.URL(
-                scheme=b"http", host=endpoint.host, port=endpoint.port, target=plan.target
-            ),
-            headers=plan.headers,
+            url=httpcore.URL(scheme=b"http", host=endpoint.host, port=endpoint.port, target=target),
+            headers=headers,
             content=request.stream if content is None else content,
-            extensions=_extensions(request, plan),
+            extensions=request.extensions if timeout is None else _with_timeout(request, timeout),
         )
         load = endpoint.load
         load.inflight += 1
@@ -128,7 +129,10 @@ class MeshTransport(httpx.BaseTransport):
         endpoint = pick_endpoint(cluster, view, self._rng)
         copy = httpx.Request(request.method, request.url, content=body)
         limit = self._store.config.mirroring.timeout
-        response = self._send(copy, endpoint, mirror_plan(plan, limit))
+        copy_plan = mirror_plan(plan, limit)
+        response = self._send(
+            copy, endpoint, copy_plan.target, copy_plan.headers, copy_plan.timeout
+        )
         try:
             response.read()
         finally:
@@ -156,12 +160,18 @@ class MeshTransport(httpx.BaseTransport):
         self._passthrough.close()
 
 
-def _extensions(request: httpx.Request, plan: Plan) -> dict[str, object]:
-    extensions = request.extensions
-    if plan.timeout is not None:
-        extensions = dict(extensions)
-        extensions["timeout"] = timeout_extension(extensions.get("timeout"), plan.timeout)
-    return extensions
+def _with_timeout(request: httpx.Request, seconds: float) -> dict[str, object]:
+    """The request's extensions with httpcore's four timeouts (connect, read, write,
+    pool) all set to ``seconds``: a route or attempt timeout bounds every wait."""
+    timeouts = _TIMEOUTS.get(seconds)
+    if timeouts is None:
+        if len(_TIMEOUTS) >= 256:  # deadline-derived values rarely repeat: keep it small
+            _TIMEOUTS.clear()
+        timeouts = _TIMEOUTS[seconds] = dict.fromkeys(("connect", "read", "write", "pool"), seconds)
+    return {**request.extensions, "timeout": timeouts}
+
+
+_TIMEOUTS: dict[float, dict[str, float]] = {}
 
 
 def mirror_body(request: httpx.Request, limit: int) -> bytes | None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from meshlib.endpoint import Endpoint
 from meshlib.errors import CircuitOpenError, DeadlineExceeded, RateLimitedError
 from meshlib.resilience.deadline import INBOUND_DEADLINE
+from meshlib.resilience.fastlane import Entry
 from meshlib.resilience.guard import ServiceGuard
 from meshlib.resilience.outcome import CONNECT_FAILURE, TIMEOUT, deadline_exceeded, error_kind
 from meshlib.resilience.policy import IDEMPOTENT_METHODS, RoutePolicy
@@ -48,10 +49,12 @@ class CallControl:
         "deadline",
         "deadline_source",
         "guard",
+        "holds_slot",
         "method",
         "policy",
         "replayable",
         "service",
+        "timed",
     )
 
     def __init__(
@@ -76,6 +79,11 @@ class CallControl:
         self._rng = rng
         self._tried: set[str] = set()
         self._holds_retry_slot = False
+        hedge = policy.hedge
+        self.timed = hedge is not None and hedge.latencies is not None
+        """Whether attempts must be timed (``started``) for the hedging percentile."""
+        self.holds_slot = False
+        """Whether the call holds a request slot of the bulkhead (released by ``finish``)."""
         timeout = policy.timeout
         self.deadline = clock() + timeout if timeout else None
         self.deadline_source = "route timeout"
@@ -87,11 +95,17 @@ class CallControl:
 
     # -- first attempt ----------------------------------------------------------
 
-    def admit(self) -> None:
-        """Checks before anything is sent: rate limit, budget deposit, service breaker."""
+    def admit(self) -> bool:
+        """Checks before anything is sent: rate limit, budget deposit, service breaker,
+        then a free request slot of the bulkhead.
+
+        False when every slot is taken: the driver then waits in the bulkhead's line
+        (``enter_sync`` / ``enter_async``) and sets ``holds_slot`` once it gets one.
+        """
         policy = self.policy
-        if policy.rate_limit is not None and not policy.rate_limit.try_acquire():
-            wait = policy.rate_limit.retry_after()
+        limiter = policy.rate_limit
+        if limiter is not None and not limiter.try_acquire():
+            wait = limiter.retry_after()
             raise RateLimitedError(
                 f"client-side rate limit of {self.service!r} route {policy.name!r} exceeded; "
                 f"retry in {wait:.3f}s or raise `rate_limit.requests_per_second`",
@@ -101,8 +115,25 @@ class CallControl:
             policy.budget.record_request()
         if policy.hedge is not None:
             policy.hedge.budget.record_request()
-        if self.guard is not None:
-            self.guard.check_cluster()
+        guard = self.guard
+        if guard is None:
+            return True
+        breaker = guard.cluster_breaker
+        if breaker is not None and not breaker.allow():
+            raise guard.cluster_open_error()
+        bulkhead = guard.bulkhead
+        if bulkhead is None:
+            return True
+        self.holds_slot = bulkhead.enter_if_free()
+        return self.holds_slot
+
+    def resume(self, entry: Entry, endpoint: Endpoint) -> Attempt:
+        """Take over a call that the fast lane admitted (`fastlane.enter`): its slot,
+        its deadline, and its first attempt, whose outcome is fed next."""
+        self.deadline = entry.deadline
+        self.deadline_source = entry.deadline_source
+        self.holds_slot = self.guard is not None and self.guard.bulkhead is not None
+        return Attempt(endpoint, 1, entry.timeout, entry.limit, 0.0)
 
     def first(self, endpoint: Endpoint) -> Attempt:
         """The first attempt, moved off an endpoint whose breaker refuses it.
@@ -110,16 +141,19 @@ class CallControl:
         Raises DeadlineExceeded when a fault delay or a wait for the bulkhead
         already used up the route's time.
         """
-        now = self._clock() if self.deadline is not None else 0.0
-        if self.deadline is not None and now >= self.deadline:
-            timeout = self.policy.timeout or 0.0
-            raise DeadlineExceeded(
-                f"{self.deadline_source} expired calling {self.service!r} before the first "
-                "attempt (waiting for a concurrency slot or an injected delay)",
-                limit=self.deadline_source,
-                seconds=timeout,
-            )
-        endpoint = self._usable(endpoint)
+        now = 0.0
+        if self.deadline is not None:
+            now = self._clock()
+            if now >= self.deadline:
+                raise DeadlineExceeded(
+                    f"{self.deadline_source} expired calling {self.service!r} before the first "
+                    "attempt (waiting for a concurrency slot or an injected delay)",
+                    limit=self.deadline_source,
+                    seconds=self.policy.timeout or 0.0,
+                )
+        breakers = self.guard.breakers if self.guard is not None else None
+        if breakers is not None and not breakers.allow(endpoint.address):
+            endpoint = self._instead_of(endpoint)
         return self._attempt(endpoint, 1, 0.0, now)
 
     # -- outcomes -----------------------------------------------------------------
@@ -155,12 +189,16 @@ class CallControl:
 
     def on_status(self, attempt: Attempt, status: int) -> Attempt | None:
         """The next attempt after a response, or None to hand this response back."""
-        self._record(attempt, status, None)
-        hedge = self.policy.hedge
+        address = attempt.endpoint.address
+        self._tried.add(address)
+        if self.guard is not None:
+            self.guard.record(address, status, None)
+        policy = self.policy
+        hedge = policy.hedge
         if hedge is not None and hedge.latencies is not None and status < 500 and attempt.started:
             hedge.latencies.add(self._clock() - attempt.started)
-        retry = self.policy.retry
-        if retry is None or not retry.retries_status(status):
+        retry = policy.retry
+        if retry is None or status not in retry.retry_statuses:
             return None
         return self._next(attempt)
 
@@ -185,10 +223,16 @@ class CallControl:
         raise exc
 
     def finish(self) -> None:
-        """Release what the call held (retry slot of the bulkhead)."""
-        if self._holds_retry_slot and self.guard is not None and self.guard.bulkhead is not None:
-            self.guard.bulkhead.exit_retry()
-            self._holds_retry_slot = False
+        """Release what the call held: its request slot and retry slot of the bulkhead."""
+        if self.holds_slot or self._holds_retry_slot:
+            bulkhead = self.guard.bulkhead if self.guard is not None else None
+            assert bulkhead is not None
+            if self.holds_slot:
+                self.holds_slot = False
+                bulkhead.exit()
+            if self._holds_retry_slot:
+                self._holds_retry_slot = False
+                bulkhead.exit_retry()
 
     # -- internals ----------------------------------------------------------------
 
@@ -230,6 +274,12 @@ class CallControl:
         guard = self.guard
         if guard is None or guard.allow_endpoint(endpoint.address):
             return endpoint
+        return self._instead_of(endpoint)
+
+    def _instead_of(self, endpoint: Endpoint) -> Endpoint:
+        """Another endpoint whose breaker admits the attempt, or CircuitOpenError."""
+        guard = self.guard
+        assert guard is not None
         avoid = {endpoint.address} | guard.unavailable() | self._tried
         for _ in range(3):
             candidate = self._pick(frozenset(avoid))
@@ -242,8 +292,8 @@ class CallControl:
         )
 
     def started(self, attempt: Attempt) -> None:
-        hedge = self.policy.hedge
-        if hedge is not None and hedge.latencies is not None:  # only latencies need it
+        """An attempt goes on the wire now (only ``timed`` calls need to say so)."""
+        if self.timed:
             attempt.started = self._clock()
 
     def _attempt(

@@ -107,6 +107,7 @@ class Breaker:
         "fail_max",
         "failures",
         "half_open_max",
+        "healthy",
         "name",
         "opens",
         "rejected",
@@ -134,6 +135,9 @@ class Breaker:
         self._clock = clock
         self._lock = threading.Lock()
         self._state = CLOSED
+        self.healthy = True
+        """Closed, with no failure since the last success: a success changes nothing
+        and an attempt is allowed (the request path's fast lane reads only this)."""
         self._opened_at = 0.0
         self._probes = 0  # half-open probes admitted and not yet recorded
         self._probe_at = 0.0
@@ -227,7 +231,7 @@ class Breaker:
         """
         if success:
             self.successes += 1
-            if self._state == CLOSED and self._storage.counter == 0:
+            if self.healthy:
                 return  # pybreaker would only reset a counter that is already 0
         else:
             self.failures += 1
@@ -246,6 +250,7 @@ class Breaker:
             except pybreaker.CircuitBreakerError:
                 # Only raised by pybreaker's open state, which is never called.
                 log.debug("breaker %s: pybreaker refused a recorded outcome", self.name)
+            self.healthy = self._state == CLOSED and self._storage.counter == 0
             pending = self._take_pending()
         self._notify(pending)
 
@@ -305,6 +310,8 @@ class Breaker:
             self._opened_at = self._clock()  # before the state, for lock-free readers
             self.opens += 1
         self._probes = 0
+        if new != CLOSED:
+            self.healthy = False
         self._state = new
         self._pending.append((old, new))
         if new == OPEN:
@@ -410,6 +417,19 @@ class BreakerBoard:
                 breaker.on_change(self._forward)
                 self._breakers[key] = breaker
             return breaker
+
+    def allow(self, key: str) -> bool:
+        """``allow()`` of the breaker of ``key``; no breaker yet means closed."""
+        breaker = self._breakers.get(key)
+        return breaker is None or breaker._state == CLOSED or breaker.allow()
+
+    def record_success(self, key: str) -> None:
+        """``record(True)`` on the breaker of ``key``, one call on the request path."""
+        breaker = self._breakers.get(key) or self.for_key(key)
+        if breaker.healthy:
+            breaker.successes += 1
+        else:
+            breaker.record(True)
 
     def get(self, key: str) -> Breaker | None:
         """The breaker of ``key`` if one exists (for explain: never creates one)."""

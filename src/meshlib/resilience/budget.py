@@ -117,7 +117,11 @@ class RetryBudget:
 
     def record_request(self) -> None:
         """Count one request (first attempts only, not retries): deposits ``ratio``."""
-        self._requests[self._now()[0] % BUCKETS] += 1
+        # _now() inlined: this runs on every request, the rotation only once per bucket
+        tick = int(self._clock() * self._inv_width)
+        last = self._view[0]
+        tick = self._rotate(tick)[0] if tick > last else last
+        self._requests[tick % BUCKETS] += 1
 
     def try_acquire_retry(self) -> bool:
         """Withdraw one retry if the budget allows it; False means don't retry."""

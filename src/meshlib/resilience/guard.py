@@ -14,7 +14,7 @@ from typing import Any
 from meshlib.errors import CircuitOpenError
 from meshlib.resilience.breaker import BreakerBoard
 from meshlib.resilience.limits import Bulkhead
-from meshlib.resilience.outcome import CONNECT_FAILURE, is_failure_status
+from meshlib.resilience.outcome import CONNECT_FAILURE, FAILURE_STATUS
 from meshlib.resilience.outlier import OutlierDetector, effective_avoid
 
 _EMPTY: frozenset[str] = frozenset()
@@ -97,24 +97,26 @@ class ServiceGuard:
         """Fail fast when the service's own breaker is open."""
         breaker = self.cluster_breaker
         if breaker is not None and not breaker.allow():
-            raise CircuitOpenError(
-                f"circuit breaker of service {self.name!r} is open after repeated failures; "
-                "calls fail fast until it half-opens (see `explain` for its state)"
-            )
+            raise self.cluster_open_error()
+
+    def cluster_open_error(self) -> CircuitOpenError:
+        return CircuitOpenError(
+            f"circuit breaker of service {self.name!r} is open after repeated failures; "
+            "calls fail fast until it half-opens (see `explain` for its state)"
+        )
 
     def allow_endpoint(self, address: str) -> bool:
         """Half-open endpoint breakers admit a limited number of probes."""
-        return self.breakers is None or self.breakers.for_key(address).allow()
+        return self.breakers is None or self.breakers.allow(address)
 
     def record(self, address: str, status: int | None, error: str | None) -> None:
         """Feed one attempt's outcome to breakers and outlier detection."""
-        failed = error is not None or (status is not None and is_failure_status(status))
         breakers = self.breakers
         outlier = self.outlier
-        if not failed:
+        if error is None and (status is None or status < FAILURE_STATUS):
             # a success can neither open a breaker nor eject: the avoid set stays valid
             if breakers is not None:
-                breakers.for_key(address).record(True)
+                breakers.record_success(address)
             if self.cluster_breaker is not None:
                 self.cluster_breaker.record(True)
             if outlier is not None:

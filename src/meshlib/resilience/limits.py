@@ -189,10 +189,21 @@ class Bulkhead:
             self.overflows += 1
             return False
 
+    def enter_if_free(self) -> bool:
+        """Like ``try_enter`` but a refusal is not an overflow: the caller will wait."""
+        with self._lock:
+            if self.inflight < self.max_requests:
+                self.inflight += 1
+                return True
+            return False
+
     def exit(self) -> None:
         """Give back a request slot, to the oldest waiter if there is one."""
         with self._lock:
-            self._release_locked()
+            if self._waiters or self.inflight <= 0:
+                self._release_locked()
+            else:
+                self.inflight -= 1  # nobody waits: the common case, without a call
 
     def _enter_or_queue_locked(
         self, timeout: float, waiter: Callable[[threading.Lock], _W]

@@ -33,9 +33,9 @@ def error_kind(exc: BaseException) -> str:
     return OTHER
 
 
-def is_failure_status(status: int) -> bool:
-    """What breakers and outlier detection count as a failure of the endpoint."""
-    return status >= 500
+FAILURE_STATUS = 500
+"""Statuses from this one on count as failures of the endpoint for breakers and
+outlier detection (compared inline on the request path)."""
 
 
 def deadline_exceeded(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshlib.resilience.backoff import Backoff
@@ -32,14 +32,19 @@ class RetryPlan:
     backoff: Backoff
     non_idempotent: bool
     max_body_bytes: int
+    retry_statuses: frozenset[int] = field(init=False, repr=False, compare=False)
+    """Every status that is retried: ``status in retry_statuses`` on the request path."""
+
+    def __post_init__(self) -> None:
+        statuses = set(self.statuses)
+        if "5xx" in self.on:
+            statuses.update(range(500, 600))
+        if "gateway-error" in self.on:
+            statuses.update(GATEWAY_STATUSES)
+        object.__setattr__(self, "retry_statuses", frozenset(statuses))
 
     def retries_status(self, status: int) -> bool:
-        on = self.on
-        if status >= 500 and "5xx" in on:
-            return True
-        if status in GATEWAY_STATUSES and "gateway-error" in on:
-            return True
-        return status in self.statuses
+        return status in self.retry_statuses
 
     def retries_error(self, kind: str, exc: BaseException) -> bool:
         if kind in (CONNECT_FAILURE, RESET, TIMEOUT) and kind in self.on:

@@ -38,8 +38,9 @@ class TokenBucket:
         self._tokens = float(burst)
         self._last = clock()
 
-    def _refill(self) -> float:
-        """Tokens now, after adding what accrued since the last call."""
+    def try_acquire(self, n: int = 1) -> bool:
+        """Take ``n`` tokens if there are that many; never waits (n > burst always fails)."""
+        # refill lazily with what accrued since the last call
         now = self._clock()
         elapsed = now - self._last
         tokens = self._tokens
@@ -48,11 +49,6 @@ class TokenBucket:
             tokens += elapsed * self.rate
             if tokens > self.burst:
                 tokens = self.burst
-        return tokens
-
-    def try_acquire(self, n: int = 1) -> bool:
-        """Take ``n`` tokens if there are that many; never waits (n > burst always fails)."""
-        tokens = self._refill()
         if tokens >= n:
             self._tokens = tokens - n
             return True
@@ -61,8 +57,8 @@ class TokenBucket:
 
     def retry_after(self, n: int = 1) -> float:
         """Seconds until ``n`` tokens are available (0 if they are now); inf if n > burst."""
-        tokens = self._refill()
-        self._tokens = tokens
+        self.try_acquire(0)  # refills, takes nothing
+        tokens = self._tokens
         if tokens >= n:
             return 0.0
         if n > self.burst:
@@ -72,9 +68,8 @@ class TokenBucket:
     @property
     def tokens(self) -> float:
         """Tokens available now."""
-        tokens = self._refill()
-        self._tokens = tokens
-        return tokens
+        self.try_acquire(0)  # refills, takes nothing
+        return self._tokens
 
     def __repr__(self) -> str:
         return f"TokenBucket(rate={self.rate}, burst={self.burst}, tokens={self._tokens:.3g})"
