@@ -50,6 +50,7 @@ from meshlib.balancing import make_balancer
 from meshlib.endpoint import Endpoint
 from meshlib.http.plan import plan_request
 from meshlib.http.resilient import run_sync
+from meshlib.resilience import fastlane
 from meshlib.resilience.attempts import CallControl
 from meshlib.routing.decide import decide, find_route, pick_cluster, pick_endpoint
 from meshlib.routing.request import RequestView
@@ -747,6 +748,8 @@ def bench_resilience_decision(resilient: Mesh, s: Settings) -> dict[str, Any]:
         "guard10": resilience_guard_10_hosts(),
         "pick": pick,
         "endpoint": decision.endpoint,
+        "address": decision.endpoint.address,
+        "fastlane": fastlane,
         "monotonic": time.monotonic,
         "rng": rng,
         "request": request,
@@ -776,10 +779,16 @@ def bench_resilience_decision(resilient: Mesh, s: Settings) -> dict[str, Any]:
             n // 10,
         ),
         "call_control_init": (new_control, n // 5),
-        "admit": ("control.admit()", n // 5),
+        "admit": ("control.admit(); control.finish()", n // 5),  # finish frees the slot
         "first": ("control.first(endpoint)", n // 5),
         "on_status_200": ("control.on_status(attempt, 200)", n // 5),
         "finish": ("control.finish()", n),
+        # the fast lane that run_sync takes for a first attempt: admit, then settle a 200
+        "fast_lane": (
+            "fastlane.settle(policy, guard, address, 200) "
+            "if fastlane.enter(policy, guard, address, monotonic()) else None",
+            n // 5,
+        ),
         # everything resilient.run_sync does around one send that answers 200
         "run_sync_no_io": ("run_sync(fake, request, plan)", n // 10),
         "plan_request_resilient": ("plan_request(snapshot, request, rng)", n // 10),
