@@ -749,6 +749,7 @@ def bench_resilience_decision(resilient: Mesh, s: Settings) -> dict[str, Any]:
         "pick": pick,
         "endpoint": decision.endpoint,
         "address": decision.endpoint.address,
+        "lane": decision.route.action.lanes[decision.cluster.name],
         "fastlane": fastlane,
         "monotonic": time.monotonic,
         "rng": rng,
@@ -785,8 +786,8 @@ def bench_resilience_decision(resilient: Mesh, s: Settings) -> dict[str, Any]:
         "finish": ("control.finish()", n),
         # the fast lane that run_sync takes for a first attempt: admit, then settle a 200
         "fast_lane": (
-            "fastlane.settle(policy, guard, address, 200) "
-            "if fastlane.enter(policy, guard, address, monotonic()) else None",
+            "fastlane.settle(lane, address, 200) "
+            "if fastlane.enter(lane, address, monotonic()) else None",
             n // 5,
         ),
         # everything resilient.run_sync does around one send that answers 200

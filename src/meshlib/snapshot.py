@@ -12,6 +12,7 @@ from typing import Any
 
 from meshlib.balancing import Balancer
 from meshlib.endpoint import Endpoint
+from meshlib.resilience.fastlane import Lane
 from meshlib.resilience.guard import ServiceGuard
 from meshlib.resilience.inbound import InboundPolicy
 from meshlib.resilience.policy import RoutePolicy
@@ -62,6 +63,8 @@ class RouteAction:
     mirror: MirrorAction | None = None
     timeout: float | None = None
     policy: RoutePolicy | None = None
+    lanes: Mapping[str, Lane] = field(default_factory=dict)
+    """The resilience fast lane of the calls to each cluster (by name) that can take it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,6 @@ from meshlib.resilience import fastlane
 from meshlib.resilience.budget import RetryBudget
 from meshlib.resilience.guard import ServiceGuard
 from meshlib.resilience.outlier import _Host
-from meshlib.resilience.policy import NO_POLICY
 
 
 class Upstream:
@@ -149,32 +148,44 @@ def attempts(upstream: Upstream) -> list[tuple[str, list[tuple[bytes, bytes | No
     ]
 
 
-def test_fast_lane_leaves_hedged_calls_to_the_attempt_loop() -> None:
+def lane_of(mesh: Mesh) -> tuple[fastlane.Lane | None, Any]:
+    route = mesh.snapshot.services["users"].routes[0]
+    cluster = route.action.split.clusters[0]
+    return route.action.lanes.get(cluster.name), cluster.guard
+
+
+def test_hedged_and_fault_injecting_routes_have_no_fast_lane() -> None:
+    hedged = {"routes": [{"name": "r", "hedging": {"hedge_after": "1s"}}]}
+    faulty = {"routes": [{"name": "r", "faults": {"abort": {"status": 503, "percent": 1}}}]}
+    for service in (hedged, faulty):
+        with Mesh(policy(service)) as mesh:
+            assert lane_of(mesh)[0] is None
+    with Mesh(policy({"retries": {"attempts": 2}})) as mesh:
+        assert lane_of(mesh)[0] is not None
+
+
+def test_fast_lane_declines_without_taking_anything() -> None:
     service = {
         "limits": {"max_requests": 1},
-        "routes": [
-            {"name": "r", "match": {"path": {"prefix": "/"}}, "hedging": {"hedge_after": "1s"}}
-        ],
+        "circuit_breaker": {"consecutive_failures": 1},
+        "routes": [{"name": "r", "rate_limit": {"requests_per_second": 1, "burst": 1}}],
     }
     with Mesh(policy(service)) as mesh:
-        route = mesh.snapshot.services["users"].routes[0]
-        guard = route.action.split.clusters[0].guard
-        assert route.action.policy is not None and guard is not None
-        assert fastlane.enter(route.action.policy, guard, "127.0.0.1:9000", 1.0) is None
-        assert guard.bulkhead is not None and guard.bulkhead.inflight == 0  # nothing taken
-
-
-def test_fast_lane_declines_when_the_bulkhead_is_full() -> None:
-    with Mesh(policy({"limits": {"max_requests": 1}})) as mesh:
-        route = mesh.snapshot.services["users"].routes[0]
-        guard = route.action.split.clusters[0].guard
-        assert guard is not None and guard.bulkhead is not None
-        policy_ = route.action.policy or NO_POLICY
-        first = fastlane.enter(policy_, guard, "127.0.0.1:9000", 1.0)
+        lane, guard = lane_of(mesh)
+        assert lane is not None and guard is not None and guard.bulkhead is not None
+        first = fastlane.enter(lane, "127.0.0.1:9000", 1.0)
         assert first is not None and guard.bulkhead.inflight == 1
-        assert fastlane.enter(policy_, guard, "127.0.0.1:9000", 1.0) is None
-        assert guard.bulkhead.overflows == 0  # declining is not refusing: the loop decides
-        assert fastlane.settle(policy_, guard, "127.0.0.1:9000", 200)
+        # a full bulkhead: declined, and declining is not refusing (no overflow counted)
+        assert fastlane.enter(lane, "127.0.0.1:9001", 1.0) is None
+        assert guard.bulkhead.overflows == 0
+        assert fastlane.settle(lane, "127.0.0.1:9000", 200)
+        assert guard.bulkhead.inflight == 0
+        # no token left: declined, and the slot it took for a moment is back
+        assert fastlane.enter(lane, "127.0.0.1:9000", 1.0) is None
+        assert guard.bulkhead.inflight == 0
+        # an endpoint breaker that saw a failure: declined until a success heals it
+        guard.record("127.0.0.1:9001", 503, None)
+        assert fastlane.enter(lane, "127.0.0.1:9001", 1e9) is None
         assert guard.bulkhead.inflight == 0
 
 

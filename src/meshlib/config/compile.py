@@ -27,9 +27,10 @@ from meshlib.config.model import (
     ValueMatch,
 )
 from meshlib.endpoint import Endpoint, EndpointLoad, parse_address
+from meshlib.resilience.fastlane import lane_for
 from meshlib.resilience.guard import ServiceGuard
 from meshlib.resilience.inbound import InboundPolicy
-from meshlib.resilience.policy import RoutePolicy
+from meshlib.resilience.policy import NO_POLICY, RoutePolicy
 from meshlib.resilience.state import StateTable
 from meshlib.routing.match import RouteMatcher, ValueMatcher
 from meshlib.snapshot import (
@@ -228,6 +229,12 @@ def _route(
         mirror = MirrorAction(target(mirror_dest), route.mirror.percent / 100.0)
     rewrite = route.rewrite
     route_name = route.name or f"route-{index}"
+    policy = route_policy(owner, route_name, route, service, config.defaults, state)
+    lanes = {}
+    for member in members:
+        lane = lane_for(policy or NO_POLICY, member.guard)
+        if lane is not None:
+            lanes[member.name] = lane
     action = RouteAction(
         split=split,
         prefix_rewrite=rewrite.prefix if rewrite else None,
@@ -235,7 +242,8 @@ def _route(
         header_ops=header_ops,
         mirror=mirror,
         timeout=first_set(route.timeout, service.timeout, config.defaults.timeout),
-        policy=route_policy(owner, route_name, route, service, config.defaults, state),
+        policy=policy,
+        lanes=MappingProxyType(lanes),
     )
     match = route.match
     path = None

@@ -210,11 +210,22 @@ def _body_of(request: httpx.Request) -> Any:
 
 
 def _client_timeout(request: httpx.Request, timeout: float | None) -> aiohttp.ClientTimeout:
+    """aiohttp's timeouts for one send: ``timeout`` for connect and each read, or the
+    httpx client's own. Immutable, so kept for reuse: the values repeat."""
+    connect: float | None
+    read: float | None
     if timeout is not None:
-        return aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
-    spec = request.extensions.get("timeout") or {}
-    return aiohttp.ClientTimeout(
-        total=None,
-        connect=spec.get("connect"),
-        sock_read=spec.get("read"),
-    )
+        connect = read = timeout
+    else:
+        spec = request.extensions.get("timeout") or {}
+        connect, read = spec.get("connect"), spec.get("read")
+    found = _CLIENT_TIMEOUTS.get((connect, read))
+    if found is None:
+        if len(_CLIENT_TIMEOUTS) >= 256:  # deadline-derived values rarely repeat
+            _CLIENT_TIMEOUTS.clear()
+        found = aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read)
+        _CLIENT_TIMEOUTS[connect, read] = found
+    return found
+
+
+_CLIENT_TIMEOUTS: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}

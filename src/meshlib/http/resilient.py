@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from meshlib.http.sync_transport import MeshTransport
 
 ATTEMPT_HEADER = b"x-mesh-attempt"
-TIMEOUT_HEADER = b"x-mesh-timeout-ms"
+TIMEOUT_HEADER = fastlane.TIMEOUT_HEADER
 FAULT_HEADER = b"x-mesh-fault"
 
 
@@ -102,17 +102,6 @@ def _own_headers(headers: Headers) -> Headers:
     return headers
 
 
-def _first_headers(headers: Headers, timeout: float | None) -> Headers:
-    """The first attempt's headers: the application's own, and the time limit."""
-    for name, _ in headers:  # _own_headers, inlined
-        if name.lower() in _ATTEMPT_HEADERS:
-            headers = [(n, v) for n, v in headers if n.lower() not in _ATTEMPT_HEADERS]
-            break
-    if timeout is None:
-        return headers
-    return [*headers, (TIMEOUT_HEADER, b"%d" % max(1, int(timeout * 1000)))]
-
-
 def _attempt_headers(headers: Headers, attempt: Attempt) -> Headers:
     """The headers of one attempt: its time limit, and its number from the second on
     (gRPC's convention: no attempt header means the first attempt)."""
@@ -152,23 +141,28 @@ def run_sync(transport: MeshTransport, request: httpx.Request, plan: Plan) -> ht
     The first attempt goes through the fast lane when it can; anything beyond a
     first response that ends the call is handed to the attempt loop."""
     decision = plan.decision
-    policy = decision.route.action.policy or NO_POLICY
-    guard = decision.cluster.guard
+    lane = decision.route.action.lanes.get(decision.cluster.name)
     endpoint = decision.endpoint
-    entry = fastlane.enter(policy, guard, endpoint.address, time.monotonic())
-    if entry is None:
+    now = time.monotonic()
+    if lane is None or (first := fastlane.enter(lane, endpoint.address, now)) is None:
         return _loop_sync(transport, request, plan, None, None)
+    headers = plan.headers
+    for name, _ in headers:  # _own_headers, inlined (as below, in run_async)
+        if name.lower() in _ATTEMPT_HEADERS:
+            headers = _own_headers(headers)
+            break
+    if first.header is not None:
+        headers = [*headers, first.header]
     try:
-        headers = _first_headers(plan.headers, entry.timeout)
-        response = transport._send(request, endpoint, plan.target, headers, entry.timeout)
+        response = transport._send(request, endpoint, plan.target, headers, first.timeout)
     except httpx.TransportError as exc:
-        return _loop_sync(transport, request, plan, entry, exc)
+        return _loop_sync(transport, request, plan, fastlane.entry(lane, now), exc)
     except BaseException:
-        fastlane.leave(guard)
+        fastlane.leave(lane)
         raise
-    if fastlane.settle(policy, guard, endpoint.address, response.status_code):
+    if fastlane.settle(lane, endpoint.address, response.status_code):
         return response
-    return _loop_sync(transport, request, plan, entry, response)
+    return _loop_sync(transport, request, plan, fastlane.entry(lane, now), response)
 
 
 def _loop_sync(
@@ -223,23 +217,28 @@ async def run_async(
 ) -> httpx.Response:
     """The async twin of run_sync."""
     decision = plan.decision
-    policy = decision.route.action.policy or NO_POLICY
-    guard = decision.cluster.guard
+    lane = decision.route.action.lanes.get(decision.cluster.name)
     endpoint = decision.endpoint
-    entry = fastlane.enter(policy, guard, endpoint.address, time.monotonic())
-    if entry is None:
+    now = time.monotonic()
+    if lane is None or (first := fastlane.enter(lane, endpoint.address, now)) is None:
         return await _loop_async(transport, request, plan, None, None)
+    headers = plan.headers
+    for name, _ in headers:
+        if name.lower() in _ATTEMPT_HEADERS:
+            headers = _own_headers(headers)
+            break
+    if first.header is not None:
+        headers = [*headers, first.header]
     try:
-        headers = _first_headers(plan.headers, entry.timeout)
-        response = await transport._send(request, endpoint, plan.target, headers, entry.timeout)
+        response = await transport._send(request, endpoint, plan.target, headers, first.timeout)
     except httpx.TransportError as exc:
-        return await _loop_async(transport, request, plan, entry, exc)
+        return await _loop_async(transport, request, plan, fastlane.entry(lane, now), exc)
     except BaseException:
-        fastlane.leave(guard)
+        fastlane.leave(lane)
         raise
-    if fastlane.settle(policy, guard, endpoint.address, response.status_code):
+    if fastlane.settle(lane, endpoint.address, response.status_code):
         return response
-    return await _loop_async(transport, request, plan, entry, response)
+    return await _loop_async(transport, request, plan, fastlane.entry(lane, now), response)
 
 
 async def _loop_async(

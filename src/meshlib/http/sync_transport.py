@@ -101,8 +101,11 @@ class MeshTransport(httpx.BaseTransport):
             url=httpcore.URL(scheme=b"http", host=endpoint.host, port=endpoint.port, target=target),
             headers=headers,
             content=request.stream if content is None else content,
-            extensions=request.extensions if timeout is None else _with_timeout(request, timeout),
+            extensions=request.extensions,
         )
+        if timeout is not None:  # the attempt's limit replaces the client's four timeouts
+            timeouts = _TIMEOUTS.get(timeout) or _timeouts(timeout)
+            core_request.extensions = {**request.extensions, "timeout": timeouts}
         load = endpoint.load
         load.inflight += 1
         load.total += 1
@@ -160,15 +163,14 @@ class MeshTransport(httpx.BaseTransport):
         self._passthrough.close()
 
 
-def _with_timeout(request: httpx.Request, seconds: float) -> dict[str, object]:
-    """The request's extensions with httpcore's four timeouts (connect, read, write,
-    pool) all set to ``seconds``: a route or attempt timeout bounds every wait."""
-    timeouts = _TIMEOUTS.get(seconds)
-    if timeouts is None:
-        if len(_TIMEOUTS) >= 256:  # deadline-derived values rarely repeat: keep it small
-            _TIMEOUTS.clear()
-        timeouts = _TIMEOUTS[seconds] = dict.fromkeys(("connect", "read", "write", "pool"), seconds)
-    return {**request.extensions, "timeout": timeouts}
+def _timeouts(seconds: float) -> dict[str, float]:
+    """httpcore's four timeouts (connect, read, write, pool) all set to ``seconds``:
+    a route or attempt timeout bounds every wait. Kept for reuse: a per-try timeout
+    repeats its value on every request."""
+    if len(_TIMEOUTS) >= 256:  # deadline-derived values rarely repeat: keep it small
+        _TIMEOUTS.clear()
+    timeouts = _TIMEOUTS[seconds] = dict.fromkeys(("connect", "read", "write", "pool"), seconds)
+    return timeouts
 
 
 _TIMEOUTS: dict[float, dict[str, float]] = {}
