@@ -731,7 +731,7 @@ def bench_resilience_decision(resilient: Mesh, s: Settings) -> dict[str, Any]:
     path, _, query = decision.target.partition("?")
     view = RequestView(request.method, path, query, request.headers)
 
-    def pick(avoid: frozenset[str]) -> Endpoint:  # what resilient._control passes
+    def pick(avoid: frozenset[str]) -> Endpoint:  # what resilient._prepare passes (as _Send.pick)
         return pick_endpoint(cluster, view, rng, avoid)
 
     new_control = (
