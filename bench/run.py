@@ -687,6 +687,7 @@ class _NoIOTransport:
         headers: list[tuple[bytes, bytes]],
         timeout: float | None,
         content: bytes | None = None,
+        tls: str | None = None,
     ) -> httpx.Response:
         return self._response
 

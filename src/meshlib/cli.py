@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from meshlib import cli_ca
 from meshlib.config.load import load_policy_file
 from meshlib.config.store import SnapshotStore
 from meshlib.errors import ConfigError
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=400)
     demo.add_argument("--seed", type=int, default=7)
     demo.set_defaults(run=cmd_demo)
+
+    cli_ca.add_commands(sub)
     return parser
 
 

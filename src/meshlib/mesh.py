@@ -23,6 +23,8 @@ from meshlib.http.asgi import ASGIApp, MeshASGIMiddleware
 from meshlib.http.sync_transport import MeshTransport
 from meshlib.resilience.decorator import resilient
 from meshlib.snapshot import Snapshot
+from meshlib.tls.provider import IdentityProvider
+from meshlib.tls.setup import identity_from_policy
 
 if TYPE_CHECKING:
     # imported when first used: aiohttp costs ~11 MiB that sync-only users don't need
@@ -51,10 +53,15 @@ class Mesh:
         source: str = "<dict>",
         rng: random.Random | None = None,
         registries: Mapping[str, Registry] | None = None,
+        identity: IdentityProvider | None = None,
     ) -> None:
         validated = policy_from_mapping(config if config is not None else {}, source)
         self.service = service
         self._rng = rng or random.Random()
+        self._owns_identity = identity is None
+        base_dir = Path(source).parent if Path(source).is_file() else Path.cwd()
+        self.identity = identity or identity_from_policy(validated, service, base_dir)
+        """This process's workload identity (certificates, rotation), or None."""
         self._store = SnapshotStore(validated, source, registries, self._rng)
         self._watcher: FileWatcher | None = None
         self._closed = False
@@ -129,7 +136,12 @@ class Mesh:
         plain ``httpx.HTTPTransport``); ``limits`` bounds the endpoint pool.
         """
         return MeshTransport(
-            self._store, passthrough=passthrough, limits=limits, rng=self._rng, caller=self.service
+            self._store,
+            passthrough=passthrough,
+            limits=limits,
+            rng=self._rng,
+            caller=self.service,
+            identity=self.identity,
         )
 
     def async_transport(
@@ -142,7 +154,12 @@ class Mesh:
         from meshlib.http.async_transport import AsyncMeshTransport
 
         return AsyncMeshTransport(
-            self._store, passthrough=passthrough, limits=limits, rng=self._rng, caller=self.service
+            self._store,
+            passthrough=passthrough,
+            limits=limits,
+            rng=self._rng,
+            caller=self.service,
+            identity=self.identity,
         )
 
     def http_client(self, **kwargs: Any) -> httpx.Client:
@@ -211,6 +228,7 @@ class Mesh:
             "source": snapshot.source,
             "created_at": snapshot.created_at,
             "service": self.service,
+            "identity": self.identity.describe() if self.identity is not None else None,
             "policy": copy.deepcopy(dict(snapshot.policy)),
             "not_enforced": list(snapshot.not_enforced),
             "clusters": {
@@ -271,6 +289,8 @@ class Mesh:
         if self._watcher is not None:
             self._watcher.stop()
         self._store.close()
+        if self.identity is not None and self._owns_identity:
+            self.identity.close()
 
     def __enter__(self) -> Mesh:
         return self

@@ -17,6 +17,7 @@ from meshlib.resilience.guard import ServiceGuard
 from meshlib.resilience.inbound import InboundPolicy
 from meshlib.resilience.policy import RoutePolicy
 from meshlib.routing.match import RouteMatcher
+from meshlib.security.inbound import InboundSecurity
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,8 @@ class VirtualService:
 
     name: str
     routes: tuple[Route, ...]
+    # forward the JWT of the request being served (from a provider with `forward`)
+    forward_jwt: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,3 +103,9 @@ class Snapshot:
     inbound: Mapping[str, InboundPolicy] = field(default_factory=dict)
     # a service's own policy (its routes aside), used by @mesh.resilient
     service_policies: Mapping[str, RoutePolicy | None] = field(default_factory=dict)
+    trust_domain: str = "cluster.local"
+    # services called with mutual TLS (when the mesh has an identity): the SPIFFE ID
+    # or pattern their servers must present
+    peer_identities: Mapping[str, str] = field(default_factory=dict)
+    # inbound mTLS mode, JWT providers and RBAC policies per service (mesh.asgi, mesh.serve)
+    inbound_security: Mapping[str, InboundSecurity] = field(default_factory=dict)

@@ -37,6 +37,7 @@ class Upstream:
         headers: list[tuple[bytes, bytes]],
         timeout: float | None,
         content: bytes | None = None,
+        tls: str | None = None,
     ) -> httpx.Response:
         self.sent.append((endpoint.address, headers, timeout))
         status = self._statuses.pop(0) if len(self._statuses) > 1 else self._statuses[0]

@@ -8,6 +8,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from itertools import accumulate
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -18,6 +19,7 @@ from meshlib.config.compile_resilience import (
     route_policy,
     service_guard,
 )
+from meshlib.config.compile_security import inbound_security
 from meshlib.config.model import (
     Destination,
     LoadBalancerConfig,
@@ -45,7 +47,7 @@ from meshlib.snapshot import (
 )
 
 # Inbound policy parts accepted now and enforced by the security release.
-_PENDING_INBOUND = ("mtls", "jwt", "authz")
+_PENDING_INBOUND: tuple[str, ...] = ()
 
 
 class LoadTable:
@@ -82,7 +84,7 @@ def static_endpoints(service: ServiceConfig) -> tuple[Endpoint, ...]:
 
 def not_enforced(config: MeshConfig) -> tuple[str, ...]:
     """Field paths that are set in the policy but not enforced by this release."""
-    found = ["trust_domain"] if "trust_domain" in config.model_fields_set else []
+    found: list[str] = []
     for name, service in config.services.items():
         inbound = service.inbound
         if inbound is not None:
@@ -178,12 +180,23 @@ def compile_snapshot(
             _route(name, index, route, config, service, cluster, state)
             for index, route in enumerate(route_configs)
         )
-        services[name] = VirtualService(name, routes)
+        services[name] = VirtualService(name, routes, forward_jwt=service.forward_jwt)
         inbound[name] = inbound_policy(name, service, config.defaults, state)
         service_policies[name] = route_policy(
             name, "*", RouteConfig(name="*"), service, config.defaults, state
         )
+    base_dir = Path(source).parent if Path(source).is_file() else Path.cwd()
+    security = {
+        name: inbound_security(name, service, state, base_dir)
+        for name, service in config.services.items()
+    }
     state.sweep()
+    peer_identities = {
+        name: (service.tls.identity if service.tls and service.tls.identity else None)
+        or f"spiffe://{config.trust_domain}/ns/default/sa/{name}"
+        for name, service in config.services.items()
+        if service.tls is None or service.tls.mode == "mutual"
+    }
 
     return Snapshot(
         version=version,
@@ -196,6 +209,9 @@ def compile_snapshot(
         discovery=MappingProxyType(dict(discovery or {})),
         inbound=MappingProxyType(inbound),
         service_policies=MappingProxyType(service_policies),
+        trust_domain=config.trust_domain,
+        peer_identities=MappingProxyType(peer_identities),
+        inbound_security=MappingProxyType(security),
     )
 
 

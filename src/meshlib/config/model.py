@@ -29,6 +29,11 @@ from meshlib.config.resilience_model import (
     RateLimitConfig,
     RetryPolicy,
 )
+from meshlib.config.security_model import (
+    IdentityConfig,
+    ServiceTls,
+    check_trust_domain,
+)
 from meshlib.config.types import Duration, Strict
 from meshlib.endpoint import parse_address
 
@@ -258,6 +263,10 @@ class ServiceConfig(Strict):
     inbound: InboundConfig | None = None
     rate_limit: RateLimitConfig | None = None
     faults: Faults | None = None
+    tls: ServiceTls | None = None
+    # add the Authorization of the request being served to calls to this service,
+    # when a JWT provider with `forward: true` verified it
+    forward_jwt: bool = False
 
     @model_validator(mode="after")
     def _endpoints_or_discovery(self) -> ServiceConfig:
@@ -291,7 +300,13 @@ class MirrorLimits(Strict):
 class MeshConfig(Strict):
     """A whole policy document."""
 
+    @field_validator("trust_domain")
+    @classmethod
+    def _trust_domain(cls, value: str) -> str:
+        return check_trust_domain(value)
+
     trust_domain: str = "cluster.local"
+    identity: IdentityConfig | None = None
     defaults: Defaults = Field(default_factory=Defaults)
     mirroring: MirrorLimits = Field(default_factory=MirrorLimits)
     services: dict[ServiceName, ServiceConfig] = Field(default_factory=dict)

@@ -13,7 +13,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from meshlib.config.authz_model import AuthzPolicies
 from meshlib.config.durations import parse_duration
+from meshlib.config.jwt_model import JwtProviders
+from meshlib.config.security_model import InboundMtls
 from meshlib.config.types import Duration, Strict
 
 _EXCEPTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
@@ -180,9 +183,9 @@ class InboundConfig(Strict):
     faults: Faults | None = None
     routes: list[InboundRoute] = Field(default_factory=list)
     caller_header: str = "x-mesh-caller"
-    mtls: Any = None
-    jwt: Any = None
-    authz: Any = None
+    mtls: InboundMtls | None = None
+    jwt: JwtProviders | None = None
+    authz: AuthzPolicies | None = None
 
 
 class InboundRoute(Strict):

@@ -1,7 +1,9 @@
 """Server side: ASGI middleware that enforces a service's inbound policy.
 
 In request order: the propagated deadline (a request whose deadline has
-already passed is answered 504 without running the app), rate limits per
+already passed is answered 504 without running the app), the caller's identity
+(strict mTLS: 403 without a verified client certificate; JWT: 401 with
+WWW-Authenticate), authorization (403 with an opaque reason id), rate limits per
 route and per caller (429 with Retry-After), injected faults, then the app,
 which is cut off with 504 if it has not started answering by the deadline.
 """
@@ -17,6 +19,10 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMappi
 from typing import TYPE_CHECKING, Any
 
 from meshlib.resilience.deadline import INBOUND_DEADLINE
+from meshlib.security.inbound import InboundSecurity
+from meshlib.security.jwt_auth import AuthError, Principal
+from meshlib.security.peer import INBOUND_AUTHORIZATION, cookies_of, peer_from_scope
+from meshlib.security.rbac import RequestFacts, authorize
 
 if TYPE_CHECKING:
     from meshlib.config.store import SnapshotStore
@@ -76,6 +82,17 @@ async def _respond(send: Send, status: int, text: str, headers: list[tuple[bytes
     await send({"type": "http.response.body", "body": body})
 
 
+class _Refusal:
+    __slots__ = ("headers", "status", "text")
+
+    def __init__(
+        self, status: int, text: str, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        self.status = status
+        self.text = text
+        self.headers = headers or []
+
+
 class MeshASGIMiddleware:
     """Wraps an ASGI app with the inbound policy of ``service`` (hot-reloaded)."""
 
@@ -111,9 +128,20 @@ class MeshASGIMiddleware:
                     await _respond(send, 504, "deadline exceeded before the request started\n", [])
                     return
                 deadline = self._clock() + remaining
-        policy = self._store.current.inbound.get(self.service)
+        snapshot = self._store.current
+        peer = peer_from_scope(scope)
+        principal = None
+        security = snapshot.inbound_security.get(self.service)
+        if security is not None and security.active:
+            refusal = await self._check(security, scope, headers, peer)
+            if isinstance(refusal, _Refusal):
+                await _respond(send, refusal.status, refusal.text, refusal.headers)
+                return
+            principal = refusal
+        policy = snapshot.inbound.get(self.service)
         if policy is not None:
-            caller = headers.get(policy.caller_header)
+            # a verified identity beats what the caller says about itself
+            caller = peer or headers.get(policy.caller_header)
             if caller is None:
                 client = scope.get("client")
                 caller = str(client[0]) if client else "unknown"
@@ -137,15 +165,60 @@ class MeshASGIMiddleware:
                     )
                     return
         extensions = scope.setdefault("extensions", {})
-        extensions["mesh"] = {"service": self.service, "deadline": deadline}
-        if deadline is None:
-            await self.app(scope, receive, send)
-            return
-        token = INBOUND_DEADLINE.set(deadline)  # calls made while serving inherit it
+        extensions["mesh"] = {
+            "service": self.service,
+            "deadline": deadline,
+            "peer": peer,
+            "principal": principal,
+        }
+        forwarded = None
+        if principal is not None and principal.token is not None:
+            forwarded = INBOUND_AUTHORIZATION.set(f"Bearer {principal.token}")
         try:
-            await self._with_deadline(scope, receive, send, deadline)
+            if deadline is None:
+                await self.app(scope, receive, send)
+                return
+            token = INBOUND_DEADLINE.set(deadline)  # calls made while serving inherit it
+            try:
+                await self._with_deadline(scope, receive, send, deadline)
+            finally:
+                INBOUND_DEADLINE.reset(token)
         finally:
-            INBOUND_DEADLINE.reset(token)
+            if forwarded is not None:
+                INBOUND_AUTHORIZATION.reset(forwarded)
+
+    async def _check(
+        self, security: InboundSecurity, scope: Scope, headers: _Headers, peer: str
+    ) -> Principal | _Refusal | None:
+        """mTLS requirement, then JWT authentication, then authorization."""
+        if security.mtls == "strict" and not peer:
+            log.info("%s: refused a request without a verified client certificate", self.service)
+            return _Refusal(403, "mutual TLS required\n")
+        principal = None
+        if security.authenticator is not None:
+            try:
+                principal = await security.authenticator.authenticate(
+                    headers, cookies_of(headers.get("cookie"))
+                )
+            except AuthError as exc:
+                log.info("%s: JWT rejected: %s", self.service, exc.reason)
+                challenge = exc.www_authenticate.encode("latin-1", "replace")
+                return _Refusal(401, "invalid token\n", [(b"www-authenticate", challenge)])
+        if security.policies:
+            server = scope.get("server")
+            facts = RequestFacts(
+                method=scope.get("method", "GET"),
+                path=scope.get("path", "/"),
+                port=server[1] if server and len(server) > 1 else None,
+                headers=headers,
+                peer=peer,
+                request_principal=principal.principal if principal is not None else "",
+                claims=principal.claims if principal is not None else {},
+            )
+            verdict = authorize(security.policies, facts)
+            if not verdict.allowed:
+                return _Refusal(403, f"RBAC: access denied ({verdict.reason_id})\n")
+        return principal
 
     async def _with_deadline(
         self, scope: Scope, receive: Receive, send: Send, deadline: float

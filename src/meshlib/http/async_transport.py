@@ -25,6 +25,8 @@ from meshlib.http.resilient import run_async
 from meshlib.http.sync_transport import mirror_body
 from meshlib.routing.decide import pick_endpoint
 from meshlib.routing.request import RequestView
+from meshlib.tls.aiohttp_connector import MeshTlsConnector
+from meshlib.tls.provider import IdentityProvider
 
 if TYPE_CHECKING:
     from meshlib.config.store import SnapshotStore
@@ -63,8 +65,10 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         limits: httpx.Limits | None = None,
         rng: random.Random | None = None,
         caller: str | None = None,
+        identity: IdentityProvider | None = None,
     ) -> None:
         self._caller = caller.encode("latin-1") if caller else None
+        self._identity = identity
         self._store = store
         self._rng = rng or random.Random()
         self._limits = limits or httpx.Limits(max_connections=200, max_keepalive_connections=50)
@@ -79,7 +83,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
     def _get_session(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         if self._session is None or self._loop is not loop or self._session.closed:
-            connector = aiohttp.TCPConnector(
+            store = self._store
+            connector = MeshTlsConnector(
+                lambda: store.current.peer_identities,
                 limit=self._limits.max_connections or 0,
                 limit_per_host=0,
                 keepalive_timeout=self._limits.keepalive_expiry or 5.0,
@@ -97,7 +103,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        plan = plan_request(self._store.current, request, self._rng, self._caller)
+        plan = plan_request(
+            self._store.current, request, self._rng, self._caller, self._identity is not None
+        )
         if plan is None:
             return await self._passthrough.handle_async_request(request)
         if plan.decision.mirror is not None:
@@ -105,7 +113,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         if plan.resilient:
             return await run_async(self, request, plan)
         return await self._send(
-            request, plan.decision.endpoint, plan.target, plan.headers, plan.timeout
+            request, plan.decision.endpoint, plan.target, plan.headers, plan.timeout, None, plan.tls
         )
 
     async def _send(
@@ -116,14 +124,21 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         headers: list[tuple[bytes, bytes]],
         timeout: float | None,
         body: Any = None,
+        tls: str | None = None,
     ) -> httpx.Response:
-        """Send to one endpoint; ``timeout`` (seconds) replaces the client's timeouts."""
+        """Send to one endpoint; ``timeout`` (seconds) replaces the client's timeouts;
+        ``tls`` names the service whose identity a mutual-TLS connection must show."""
         if body is None:
             body = _body_of(request)
         session = self._get_session()
         path, _, query = target.decode("ascii").partition("?")
+        tls_args: dict[str, Any] = {}
+        if tls is not None and self._identity is not None:
+            # a new context object after a rotation: aiohttp pools by it, so only new
+            # connections use the new certificate
+            tls_args = {"ssl": self._identity.client_context(), "server_hostname": tls}
         url = URL.build(
-            scheme="http",
+            scheme="http" if not tls_args else "https",
             host=endpoint.host,
             port=endpoint.port,
             path=path,
@@ -147,6 +162,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                     allow_redirects=False,
                     timeout=_client_timeout(request, timeout),
                     compress=None,
+                    **tls_args,
                 )
         except BaseException:
             load.inflight -= 1
@@ -178,9 +194,18 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             path, _, query = plan.decision.target.partition("?")
             view = RequestView(request.method, path, query, request.headers)
             endpoint = pick_endpoint(cluster, view, self._rng)
-            copy_plan = mirror_plan(plan, self._store.config.mirroring.timeout)
+            tls: str | None = cluster.service
+            if self._identity is None or tls not in self._store.current.peer_identities:
+                tls = None
+            copy_plan = mirror_plan(plan, self._store.config.mirroring.timeout, tls)
             response = await self._send(
-                request, endpoint, copy_plan.target, copy_plan.headers, copy_plan.timeout, body
+                request,
+                endpoint,
+                copy_plan.target,
+                copy_plan.headers,
+                copy_plan.timeout,
+                body,
+                copy_plan.tls,
             )
             try:
                 await response.aread()

@@ -11,6 +11,7 @@ from meshlib.errors import MeshError
 from meshlib.resilience.deadline import INBOUND_DEADLINE
 from meshlib.routing.decide import Decision, decide
 from meshlib.routing.request import RequestView
+from meshlib.security.peer import INBOUND_AUTHORIZATION
 from meshlib.snapshot import HeaderOps, Snapshot
 
 HOST = b"host"
@@ -19,7 +20,7 @@ HOST = b"host"
 class Plan:
     """One request's decision plus the bytes to put on the wire."""
 
-    __slots__ = ("decision", "headers", "resilient", "target", "timeout")
+    __slots__ = ("decision", "headers", "resilient", "target", "timeout", "tls")
 
     def __init__(
         self,
@@ -28,6 +29,7 @@ class Plan:
         target: bytes,
         timeout: float | None,
         resilient: bool = False,
+        tls: str | None = None,
     ) -> None:
         self.decision = decision
         self.headers = headers
@@ -35,18 +37,26 @@ class Plan:
         self.timeout = timeout
         # route or service has resilience policy: the call goes through the attempt loop
         self.resilient = resilient
+        # mutual TLS to this destination service (its name: the identity to expect)
+        self.tls = tls
 
 
 CALLER = b"x-mesh-caller"
+AUTHORIZATION = b"authorization"
 
 
 def plan_request(
-    snapshot: Snapshot, request: httpx.Request, rng: random.Random, caller: bytes | None = None
+    snapshot: Snapshot,
+    request: httpx.Request,
+    rng: random.Random,
+    caller: bytes | None = None,
+    mtls: bool = False,
 ) -> Plan | None:
     """The plan for a request to a mesh service, or None to pass it through untouched.
 
     ``caller`` (this process's service name) is sent as ``x-mesh-caller`` so the
-    server can apply per-caller limits before mTLS identities exist.
+    server can apply per-caller limits without mTLS identities. With ``mtls`` (the
+    mesh has a workload identity), destinations with mutual TLS get ``Plan.tls``.
     """
     url = request.url
     service = snapshot.services.get(url.host)
@@ -67,12 +77,20 @@ def plan_request(
         headers = rewrite_headers(headers, action.header_ops, action.host_rewrite)
     if caller is not None:
         headers = [*headers, (CALLER, caller)]
+    if service.forward_jwt:
+        bearer = INBOUND_AUTHORIZATION.get()
+        if bearer is not None and "authorization" not in request.headers:
+            headers = [*headers, (AUTHORIZATION, bearer.encode("latin-1"))]
     resilient = (
         action.policy is not None
         or decision.cluster.guard is not None
         or INBOUND_DEADLINE.get() is not None
     )
-    return Plan(decision, headers, decision.target.encode("ascii"), action.timeout, resilient)
+    tls = None
+    if mtls and decision.cluster.service in snapshot.peer_identities:
+        tls = decision.cluster.service
+    target = decision.target.encode("ascii")
+    return Plan(decision, headers, target, action.timeout, resilient, tls)
 
 
 def rewrite_headers(
@@ -95,9 +113,10 @@ def rewrite_headers(
     return out
 
 
-def mirror_plan(plan: Plan, limit: float) -> Plan:
+def mirror_plan(plan: Plan, limit: float, tls: str | None) -> Plan:
     """The plan for a mirror copy: Host gets ``-shadow`` appended (Envoy's
-    convention) and the copy never waits longer than ``limit`` seconds."""
+    convention) and the copy never waits longer than ``limit`` seconds; ``tls`` is
+    the mirror service when it is called with mutual TLS."""
     headers = [(n, v + b"-shadow" if n.lower() == HOST else v) for n, v in plan.headers]
     timeout = limit if plan.timeout is None else min(plan.timeout, limit)
-    return Plan(plan.decision, headers, plan.target, timeout)
+    return Plan(plan.decision, headers, plan.target, timeout, tls=tls)

@@ -41,7 +41,7 @@ class _Send:
     """What every attempt of one call sends: the request, its target, the headers
     without attempt headers, and the buffered body (None: send the request's own)."""
 
-    __slots__ = ("body", "decision", "headers", "request", "rng", "target")
+    __slots__ = ("body", "decision", "headers", "request", "rng", "target", "tls")
 
     def __init__(
         self, request: httpx.Request, plan: Plan, rng: random.Random, body: bytes | None
@@ -49,6 +49,7 @@ class _Send:
         self.request = request
         self.decision = plan.decision
         self.target = plan.target
+        self.tls = plan.tls
         self.rng = rng
         self.body = body
         self.headers = _own_headers(plan.headers)
@@ -154,7 +155,9 @@ def run_sync(transport: MeshTransport, request: httpx.Request, plan: Plan) -> ht
     if first.header is not None:
         headers = [*headers, first.header]
     try:
-        response = transport._send(request, endpoint, plan.target, headers, first.timeout)
+        response = transport._send(
+            request, endpoint, plan.target, headers, first.timeout, None, plan.tls
+        )
     except httpx.TransportError as exc:
         return _loop_sync(transport, request, plan, fastlane.entry(lane, now), exc)
     except BaseException:
@@ -230,7 +233,9 @@ async def run_async(
     if first.header is not None:
         headers = [*headers, first.header]
     try:
-        response = await transport._send(request, endpoint, plan.target, headers, first.timeout)
+        response = await transport._send(
+            request, endpoint, plan.target, headers, first.timeout, None, plan.tls
+        )
     except httpx.TransportError as exc:
         return await _loop_async(transport, request, plan, fastlane.entry(lane, now), exc)
     except BaseException:
@@ -342,7 +347,13 @@ def _send_sync(
     headers = _attempt_headers(send.headers, attempt)
     try:
         return transport._send(
-            send.request, attempt.endpoint, send.target, headers, attempt.timeout, send.body
+            send.request,
+            attempt.endpoint,
+            send.target,
+            headers,
+            attempt.timeout,
+            send.body,
+            send.tls,
         )
     except httpx.TransportError as exc:
         return exc
@@ -356,7 +367,13 @@ async def _send_async(
     headers = _attempt_headers(send.headers, attempt)
     try:
         return await transport._send(
-            send.request, attempt.endpoint, send.target, headers, attempt.timeout, send.body
+            send.request,
+            attempt.endpoint,
+            send.target,
+            headers,
+            attempt.timeout,
+            send.body,
+            send.tls,
         )
     except httpx.TransportError as exc:
         return exc

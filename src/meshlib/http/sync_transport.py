@@ -18,6 +18,8 @@ from meshlib.http.plan import Plan, mirror_plan, plan_request
 from meshlib.http.resilient import run_sync
 from meshlib.routing.decide import pick_endpoint
 from meshlib.routing.request import RequestView
+from meshlib.tls.httpcore_backend import MeshTlsBackend
+from meshlib.tls.provider import IdentityProvider
 
 if TYPE_CHECKING:
     from meshlib.config.store import SnapshotStore
@@ -60,15 +62,21 @@ class MeshTransport(httpx.BaseTransport):
         limits: httpx.Limits | None = None,
         rng: random.Random | None = None,
         caller: str | None = None,
+        identity: IdentityProvider | None = None,
     ) -> None:
         self._caller = caller.encode("latin-1") if caller else None
         limits = limits or httpx.Limits(max_connections=200, max_keepalive_connections=50)
         self._store = store
         self._rng = rng or random.Random()
+        self._identity = identity
+        backend = None
+        if identity is not None:
+            backend = MeshTlsBackend(identity, lambda: store.current.peer_identities)
         self._pool = httpcore.ConnectionPool(
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
+            network_backend=backend,
         )
         self._passthrough = passthrough or httpx.HTTPTransport()
         self._mirror = _SyncMirror(store.config.mirroring.max_concurrent)
@@ -77,14 +85,18 @@ class MeshTransport(httpx.BaseTransport):
         self._hedge_lock = threading.Lock()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        plan = plan_request(self._store.current, request, self._rng, self._caller)
+        plan = plan_request(
+            self._store.current, request, self._rng, self._caller, self._identity is not None
+        )
         if plan is None:
             return self._passthrough.handle_request(request)
         if plan.decision.mirror is not None:
             self._mirror.submit(self, plan, request)
         if plan.resilient:
             return run_sync(self, request, plan)
-        return self._send(request, plan.decision.endpoint, plan.target, plan.headers, plan.timeout)
+        return self._send(
+            request, plan.decision.endpoint, plan.target, plan.headers, plan.timeout, None, plan.tls
+        )
 
     def _send(
         self,
@@ -94,11 +106,18 @@ class MeshTransport(httpx.BaseTransport):
         headers: list[tuple[bytes, bytes]],
         timeout: float | None,
         content: bytes | None = None,
+        tls: str | None = None,
     ) -> httpx.Response:
-        """Send to one endpoint; ``timeout`` (seconds) replaces the client's timeouts."""
+        """Send to one endpoint; ``timeout`` (seconds) replaces the client's timeouts;
+        ``tls`` names the service whose identity a mutual-TLS connection must show."""
         core_request = httpcore.Request(
             method=request.method,
-            url=httpcore.URL(scheme=b"http", host=endpoint.host, port=endpoint.port, target=target),
+            url=httpcore.URL(
+                scheme=b"http" if tls is None else b"https",
+                host=endpoint.host,
+                port=endpoint.port,
+                target=target,
+            ),
             headers=headers,
             content=request.stream if content is None else content,
             extensions=request.extensions,
@@ -106,6 +125,8 @@ class MeshTransport(httpx.BaseTransport):
         if timeout is not None:  # the attempt's limit replaces the client's four timeouts
             timeouts = _TIMEOUTS.get(timeout) or _timeouts(timeout)
             core_request.extensions = {**request.extensions, "timeout": timeouts}
+        if tls is not None:  # the SNI name carries the service to the identity check
+            core_request.extensions = {**core_request.extensions, "sni_hostname": tls}
         load = endpoint.load
         load.inflight += 1
         load.total += 1
@@ -132,14 +153,25 @@ class MeshTransport(httpx.BaseTransport):
         endpoint = pick_endpoint(cluster, view, self._rng)
         copy = httpx.Request(request.method, request.url, content=body)
         limit = self._store.config.mirroring.timeout
-        copy_plan = mirror_plan(plan, limit)
+        copy_plan = mirror_plan(plan, limit, self._mtls_service(cluster.service))
         response = self._send(
-            copy, endpoint, copy_plan.target, copy_plan.headers, copy_plan.timeout
+            copy,
+            endpoint,
+            copy_plan.target,
+            copy_plan.headers,
+            copy_plan.timeout,
+            None,
+            copy_plan.tls,
         )
         try:
             response.read()
         finally:
             response.close()
+
+    def _mtls_service(self, service: str) -> str | None:
+        if self._identity is None or service not in self._store.current.peer_identities:
+            return None
+        return service
 
     def hedge_executor(self) -> ThreadPoolExecutor | None:
         """Threads for hedged attempts: a sync send can only be raced from threads.
