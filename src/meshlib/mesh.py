@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -29,6 +30,7 @@ from meshlib.tls.setup import identity_from_policy
 if TYPE_CHECKING:
     # imported when first used: aiohttp costs ~11 MiB that sync-only users don't need
     from meshlib.http.async_transport import AsyncMeshTransport
+    from meshlib.tls.server import RunningServer
 
 log = logging.getLogger("meshlib")
 P = ParamSpec("P")
@@ -206,6 +208,64 @@ class Mesh:
         if name is None:
             raise MeshError("mesh.asgi() needs service=...: which service's inbound policy")
         return MeshASGIMiddleware(app, self._store, name, rng=self._rng)
+
+    def serve(
+        self,
+        app: ASGIApp,
+        service: str | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        mode: str | None = None,
+        log_level: str = "warning",
+        background: bool = False,
+    ) -> RunningServer | None:
+        """Serve ``app`` as ``service`` under uvicorn, behind ``mesh.asgi``, with mesh TLS.
+
+        ``mode`` (default: the service's ``inbound.mtls``, else ``permissive`` when
+        the mesh has an identity and ``disabled`` when it has none): ``strict``
+        requires a client certificate, ``permissive`` also accepts plaintext on the
+        same port, ``disabled`` serves plaintext. The app sees the verified peer in
+        ``scope["extensions"]["tls"]`` and ``scope["extensions"]["mesh"]["peer"]``.
+        Each new connection uses the newest workload certificate. Blocks until
+        stopped, or with ``background=True`` returns the running server (``.port``,
+        ``.stop()``).
+        """
+        from meshlib.tls.server import MeshServer
+
+        name = service or self.service
+        if name is None:
+            raise MeshError("mesh.serve() needs service=...: which service this app is")
+        if mode is None:
+            security = self.snapshot.inbound_security.get(name)
+            mode = security.mtls if security is not None and security.mtls else None
+        if mode is None:
+            mode = "permissive" if self.identity is not None else "disabled"
+        identity = self.identity
+        context = None
+        if mode != "disabled":
+            if identity is None:
+                raise MeshError(
+                    f"mesh.serve(mode={mode!r}) needs a workload identity: add an `identity` "
+                    "block to the policy or pass Mesh(..., identity=...)"
+                )
+            strict = mode == "strict"
+
+            def context() -> ssl.SSLContext:
+                return identity.server_context(require_client_cert=strict)
+
+        server = MeshServer(
+            self.asgi(app, name),
+            host=host,
+            port=port,
+            mode=mode,
+            server_context=context,
+            log_level=log_level,
+        )
+        if background:
+            return server.start_in_thread()
+        server.run()
+        return None
 
     # -- introspection --------------------------------------------------------
 

@@ -57,7 +57,7 @@ def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
     """
     if ssl_object is None:
         return ""
-    der = ssl_object.getpeercert(binary_form=True)
+    der = ssl_object.getpeercert(True)  # positional: httpcore hands over the C-level object
     if not der:
         return ""
     ids = spiffe_ids_of(x509.load_der_x509_certificate(der))
