@@ -24,6 +24,23 @@ def _err(text: str) -> None:
     sys.stderr.write(text + "\n")
 
 
+def _security_lines(snapshot: Snapshot, name: str) -> list[str]:
+    lines = []
+    if "identity" in snapshot.policy and name in snapshot.peer_identities:
+        lines.append(f"  mutual TLS to it: the server must be {snapshot.peer_identities[name]}")
+    security = snapshot.inbound_security.get(name)
+    if security is not None and (security.mtls or security.active):
+        parts = [f"mtls {security.mtls or 'not set'}"]
+        if security.authenticator is not None:
+            names = ", ".join(p.name for p in security.authenticator.providers)
+            parts.append(f"jwt {names}")
+        for policy in security.policies:
+            flag = ", dry run" if policy.dry_run else ""
+            parts.append(f"authz {policy.name} ({policy.action}{flag})")
+        lines.append("  inbound: " + "; ".join(parts))
+    return lines
+
+
 def summarize(snapshot: Snapshot) -> str:
     """What a policy compiles to, service by service."""
     lines = []
@@ -54,6 +71,14 @@ def summarize(snapshot: Snapshot) -> str:
                 extras.append(f"timeout {route.action.timeout:g}s")
             extra = f" [{'; '.join(extras)}]" if extras else ""
             lines.append(f"  route {route.name}: {route.matcher.describe()} → {targets}{extra}")
+        lines.extend(_security_lines(snapshot, name))
+    identity = snapshot.policy.get("identity")
+    if identity is not None:
+        source = "local CA " + identity["ca"]["dir"] if "ca" in identity else "files"
+        namespace = identity.get("namespace", "default")
+        lines.append(
+            f"identity: spiffe://{snapshot.trust_domain}/ns/{namespace}/sa/<service> from {source}"
+        )
     for path in snapshot.not_enforced:
         lines.append(f"not enforced by this release (accepted, no effect yet): {path}")
     return "\n".join(lines)

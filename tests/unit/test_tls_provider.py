@@ -159,3 +159,30 @@ def test_identity_policy_errors() -> None:
     bad = {"services": {"users": {"tls": {"identity": "spiffe://example.org/ns/**"}}}}
     with pytest.raises(ConfigError, match="identity"):
         Mesh(bad)
+
+
+def test_cli_check_shows_identity_mtls_and_authz(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from meshlib.cli import main
+
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(
+        """
+trust_domain: example.org
+identity: {namespace: prod, files: {cert: a.pem, key: a.key, bundle: b.pem}}
+services:
+  users:
+    endpoints: [{address: 127.0.0.1:8001}]
+    inbound:
+      mtls: strict
+      authz:
+        - {name: trial, action: DENY, dry_run: true, rules: [{}]}
+""",
+        encoding="utf-8",
+    )
+    assert main(["check", str(policy)]) == 0
+    out = capsys.readouterr().out
+    assert "mutual TLS to it: the server must be spiffe://example.org/ns/default/sa/users" in out
+    assert "inbound: mtls strict; authz trial (DENY, dry run)" in out
+    assert "identity: spiffe://example.org/ns/prod/sa/<service> from files" in out
