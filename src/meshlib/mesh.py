@@ -24,12 +24,11 @@ from meshlib.http.asgi import ASGIApp, MeshASGIMiddleware
 from meshlib.http.sync_transport import MeshTransport
 from meshlib.resilience.decorator import resilient
 from meshlib.snapshot import Snapshot
-from meshlib.tls.provider import IdentityProvider
-from meshlib.tls.setup import identity_from_policy
 
 if TYPE_CHECKING:
     # imported when first used: aiohttp costs ~11 MiB that sync-only users don't need
     from meshlib.http.async_transport import AsyncMeshTransport
+    from meshlib.tls.provider import IdentityProvider
     from meshlib.tls.server import RunningServer
 
 log = logging.getLogger("meshlib")
@@ -62,7 +61,11 @@ class Mesh:
         self._rng = rng or random.Random()
         self._owns_identity = identity is None
         base_dir = Path(source).parent if Path(source).is_file() else Path.cwd()
-        self.identity = identity or identity_from_policy(validated, service, base_dir)
+        if identity is None and validated.identity is not None:
+            from meshlib.tls.setup import identity_from_policy  # cryptography only when used
+
+            identity = identity_from_policy(validated, service, base_dir)
+        self.identity = identity
         """This process's workload identity (certificates, rotation), or None."""
         self._store = SnapshotStore(validated, source, registries, self._rng)
         self._watcher: FileWatcher | None = None

@@ -11,7 +11,6 @@ from meshlib.config.jwt_model import provider_spec
 from meshlib.config.model import ServiceConfig
 from meshlib.resilience.state import StateTable
 from meshlib.security.inbound import InboundSecurity
-from meshlib.security.jwt_auth import JwtAuthenticator
 
 
 def inbound_security(
@@ -23,6 +22,8 @@ def inbound_security(
     authenticator = None
     providers = inbound.jwt
     if providers:
+        from meshlib.security.jwt_auth import JwtAuthenticator  # PyJWT only when used
+
         dumped = json.dumps([p.model_dump(mode="json") for p in providers], sort_keys=True)
         authenticator = state.get(
             ("jwt", name, dumped, str(base_dir)),

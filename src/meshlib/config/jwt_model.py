@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
 from meshlib.config.types import Duration, Strict
-from meshlib.security.jwt_auth import (
-    HMAC_ALGORITHMS,
-    JwtProviderSpec,
-    check_algorithms,
-    check_jwks,
-)
+
+if TYPE_CHECKING:
+    # imported on use: PyJWT and cryptography cost ~8 MiB that most processes don't need
+    from meshlib.security.jwt_auth import JwtProviderSpec
 
 _D30S: Any = "30s"  # validated like a policy value
 _D5M: Any = "5m"
@@ -118,10 +116,14 @@ class JwtProviderConfig(Strict):
     @field_validator("algorithms")
     @classmethod
     def _algorithms(cls, value: list[str]) -> list[str]:
+        from meshlib.security.jwt_auth import check_algorithms
+
         return list(check_algorithms(value))
 
     @model_validator(mode="after")
     def _consistent(self) -> JwtProviderConfig:
+        from meshlib.security.jwt_auth import HMAC_ALGORITHMS, check_jwks
+
         symmetric = bool(self.algorithms) and self.algorithms[0] in HMAC_ALGORITHMS
         if symmetric and self.jwks.inline is None:
             raise ValueError(
@@ -155,6 +157,8 @@ JwtProviders = Annotated[list[JwtProviderConfig], AfterValidator(_unique_names)]
 
 def provider_spec(config: JwtProviderConfig, base_dir: Path | None) -> JwtProviderSpec:
     """The runtime spec; a relative ``jwks.file`` resolves against ``base_dir``."""
+    from meshlib.security.jwt_auth import JwtProviderSpec
+
     jwks_file: str | None = None
     if config.jwks.file is not None:
         path = Path(config.jwks.file)

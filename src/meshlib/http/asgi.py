@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from meshlib.resilience.deadline import INBOUND_DEADLINE
 from meshlib.security.inbound import InboundSecurity
-from meshlib.security.jwt_auth import AuthError, Principal
 from meshlib.security.peer import INBOUND_AUTHORIZATION, cookies_of, peer_from_scope
 from meshlib.security.rbac import RequestFacts, authorize
 
 if TYPE_CHECKING:
     from meshlib.config.store import SnapshotStore
+    from meshlib.security.jwt_auth import Principal
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -196,6 +196,8 @@ class MeshASGIMiddleware:
             return _Refusal(403, "mutual TLS required\n")
         principal = None
         if security.authenticator is not None:
+            from meshlib.security.jwt_auth import AuthError  # loaded with the authenticator
+
             try:
                 principal = await security.authenticator.authenticate(
                     headers, cookies_of(headers.get("cookie"))

@@ -26,10 +26,10 @@ from meshlib.http.sync_transport import mirror_body
 from meshlib.routing.decide import pick_endpoint
 from meshlib.routing.request import RequestView
 from meshlib.tls.aiohttp_connector import MeshTlsConnector
-from meshlib.tls.provider import IdentityProvider
 
 if TYPE_CHECKING:
     from meshlib.config.store import SnapshotStore
+    from meshlib.tls.provider import IdentityProvider
 
 log = logging.getLogger("meshlib.http")
 

@@ -18,11 +18,10 @@ from meshlib.http.plan import Plan, mirror_plan, plan_request
 from meshlib.http.resilient import run_sync
 from meshlib.routing.decide import pick_endpoint
 from meshlib.routing.request import RequestView
-from meshlib.tls.httpcore_backend import MeshTlsBackend
-from meshlib.tls.provider import IdentityProvider
 
 if TYPE_CHECKING:
     from meshlib.config.store import SnapshotStore
+    from meshlib.tls.provider import IdentityProvider
 
 log = logging.getLogger("meshlib.http")
 _HEDGE_THREADS = 32
@@ -71,6 +70,8 @@ class MeshTransport(httpx.BaseTransport):
         self._identity = identity
         backend = None
         if identity is not None:
+            from meshlib.tls.httpcore_backend import MeshTlsBackend
+
             backend = MeshTlsBackend(identity, lambda: store.current.peer_identities)
         self._pool = httpcore.ConnectionPool(
             max_connections=limits.max_connections,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from meshlib.security.jwt_auth import JwtAuthenticator
 from meshlib.security.rbac import Policy
+
+if TYPE_CHECKING:
+    from meshlib.security.jwt_auth import JwtAuthenticator
 
 
 @dataclass(frozen=True, slots=True)

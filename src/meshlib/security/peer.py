@@ -8,8 +8,6 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any
 
-from cryptography import x509
-
 from meshlib.tls.identity import spiffe_ids_of
 
 INBOUND_AUTHORIZATION: ContextVar[str | None] = ContextVar(
@@ -34,6 +32,8 @@ def peer_from_scope(scope: Mapping[str, Any]) -> str:
     # parsing a certificate costs ~tens of µs: callers reconnect far less often
     peer = _PEERS.get(pem)
     if peer is None:
+        from cryptography import x509  # imported on use: it costs ~8 MiB
+
         try:
             ids = spiffe_ids_of(x509.load_pem_x509_certificate(pem.encode("ascii")))
         except ValueError:

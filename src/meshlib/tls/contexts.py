@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
-from cryptography import x509
 
 from meshlib.errors import MeshError
 from meshlib.tls.identity import spiffe_ids_of, spiffe_matches
@@ -57,6 +56,8 @@ def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
     """
     if ssl_object is None:
         return ""
+    from cryptography import x509  # imported on use: it costs ~8 MiB
+
     der = ssl_object.getpeercert(True)  # positional: httpcore hands over the C-level object
     if not der:
         return ""

@@ -12,8 +12,10 @@ import functools
 import itertools
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from cryptography import x509
+if TYPE_CHECKING:
+    from cryptography import x509
 
 SCHEME_PREFIX = "spiffe://"
 MAX_ID_BYTES = 2048
@@ -211,6 +213,8 @@ def spiffe_ids_of(cert: x509.Certificate) -> list[str]:
     A valid X509-SVID has exactly one; all are returned so callers can reject more.
     The values are not validated: parse them with :func:`parse_spiffe_id`.
     """
+    from cryptography import x509  # imported on use: it costs ~8 MiB
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
