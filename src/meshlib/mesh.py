@@ -5,8 +5,11 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import signal
 import ssl
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -37,6 +40,29 @@ R = TypeVar("R")
 
 # httpx.Client arguments that configure its transport rather than the client
 _TRANSPORT_SETTINGS = ("verify", "cert", "http1", "http2", "limits")
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """While serving, SIGTERM raises SystemExit (after uvicorn's graceful shutdown,
+    which re-raises the signal) instead of killing the process, so that cleanup runs:
+    the identity's private files are removed and the mesh closes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL:
+        yield
+        return
+
+    def exit_on_sigterm(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Mesh:
@@ -267,7 +293,8 @@ class Mesh:
         )
         if background:
             return server.start_in_thread()
-        server.run()
+        with _sigterm_exits():
+            server.run()
         return None
 
     # -- introspection --------------------------------------------------------

@@ -383,3 +383,44 @@ def _get(mesh: Mesh, kind: str, url: str) -> dict[str, Any]:
             return dict(response.json())
 
     return asyncio.run(run())
+
+
+SERVE_SCRIPT = """
+import sys
+from meshlib import Mesh
+
+async def app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+policy = {"trust_domain": "example.org", "identity": {"ca": {"dir": sys.argv[1]}}}
+mesh = Mesh(policy, service="users")
+print(mesh.identity.credentials().cert_file.parent, flush=True)
+mesh.serve(app, mode="strict")
+"""
+
+
+def test_sigterm_stops_mesh_serve_and_removes_the_identity_files(
+    ca: CertificateAuthority,
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", SERVE_SCRIPT, str(ca.directory)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        folder = Path(child.stdout.readline().strip())
+        assert folder.is_dir() and (folder.stat().st_mode & 0o777) == 0o700
+        time.sleep(0.5)  # let uvicorn start serving
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=15) != -signal.SIGTERM  # exited, not killed
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=5)
+    assert not folder.exists()  # no private key left behind

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -69,11 +70,16 @@ class MeshTransport(httpx.BaseTransport):
         self._rng = rng or random.Random()
         self._identity = identity
         backend = None
+        placeholder = None
         if identity is not None:
             from meshlib.tls.httpcore_backend import MeshTlsBackend
 
             backend = MeshTlsBackend(identity, lambda: store.current.peer_identities)
+            # the backend swaps in the workload's context; without a context of its own
+            # httpcore would build (and load the system CAs into) one per connection
+            placeholder = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self._pool = httpcore.ConnectionPool(
+            ssl_context=placeholder,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,

@@ -17,6 +17,7 @@ import ssl
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -76,6 +77,8 @@ class _Generations:
     def __init__(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="meshlib-identity-"))
         os.chmod(self.folder, 0o700)
+        # removed at interpreter exit even if nobody closes the mesh: it holds keys
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
 
     def store(
         self, generation: int, chain_pem: bytes, key_pem: bytes, bundle_pem: bytes, origin: str
@@ -104,7 +107,7 @@ class _Generations:
         )
 
     def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self._cleanup()
 
 
 class LocalCASource:
