@@ -27,6 +27,7 @@ from meshlib.http.asgi import ASGIApp, MeshASGIMiddleware
 from meshlib.http.sync_transport import MeshTransport
 from meshlib.resilience.decorator import resilient
 from meshlib.snapshot import Snapshot
+from meshlib.telemetry.stats import TrafficStats, to_dot
 
 if TYPE_CHECKING:
     # imported when first used: aiohttp costs ~11 MiB that sync-only users don't need
@@ -94,6 +95,7 @@ class Mesh:
         self.identity = identity
         """This process's workload identity (certificates, rotation), or None."""
         self._store = SnapshotStore(validated, source, registries, self._rng)
+        self._traffic = TrafficStats()
         self._watcher: FileWatcher | None = None
         self._closed = False
 
@@ -173,6 +175,7 @@ class Mesh:
             rng=self._rng,
             caller=self.service,
             identity=self.identity,
+            stats=self._traffic,
         )
 
     def async_transport(
@@ -191,6 +194,7 @@ class Mesh:
             rng=self._rng,
             caller=self.service,
             identity=self.identity,
+            stats=self._traffic,
         )
 
     def http_client(self, **kwargs: Any) -> httpx.Client:
@@ -236,7 +240,7 @@ class Mesh:
         name = service or self.service
         if name is None:
             raise MeshError("mesh.asgi() needs service=...: which service's inbound policy")
-        return MeshASGIMiddleware(app, self._store, name, rng=self._rng)
+        return MeshASGIMiddleware(app, self._store, name, rng=self._rng, stats=self._traffic)
 
     def serve(
         self,
@@ -298,6 +302,23 @@ class Mesh:
         return None
 
     # -- introspection --------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Golden metrics over the last minute, in process: per destination service and
+        route (``outbound``) and per served service and inbound rule (``inbound``), the
+        request count, rate (``rps``), success rate (5xx and transport errors fail) and
+        ``p50_ms``/``p95_ms``/``p99_ms``, with a ``total`` per service."""
+        return {"service": self.service, **self._traffic.snapshot()}
+
+    def graph(self, format: str = "json") -> dict[str, Any] | str:
+        """The service graph this process observed: edges from this service to each
+        destination with rate, success rate and latency; ``format="dot"`` for Graphviz."""
+        graph = self._traffic.graph(self.service)
+        if format == "dot":
+            return to_dot(graph)
+        if format != "json":
+            raise MeshError(f"graph format {format!r}: use 'json' or 'dot'")
+        return graph
 
     def explain(
         self, method: str, url: str, headers: Mapping[str, str] | None = None

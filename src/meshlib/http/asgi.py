@@ -22,6 +22,7 @@ from meshlib.resilience.deadline import INBOUND_DEADLINE
 from meshlib.security.inbound import InboundSecurity
 from meshlib.security.peer import INBOUND_AUTHORIZATION, cookies_of, peer_from_scope
 from meshlib.security.rbac import RequestFacts, authorize
+from meshlib.telemetry.stats import TrafficStats
 
 if TYPE_CHECKING:
     from meshlib.config.store import SnapshotStore
@@ -104,17 +105,39 @@ class MeshASGIMiddleware:
         *,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        stats: TrafficStats | None = None,
     ) -> None:
         self.app = app
         self._store = store
         self.service = service
         self._rng = rng or random.Random()
         self._clock = clock
+        self._stats = stats or TrafficStats()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        status = 0
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        started = time.perf_counter()
+        try:
+            await self._handle(scope, receive, observed_send)
+        finally:
+            # golden metrics: every answer counts, refusals included; 5xx and
+            # requests that got no answer are failures
+            policy = self._store.current.inbound.get(self.service)
+            route = policy.rule_for(scope.get("path", "/")).name if policy is not None else "*"
+            window = self._stats.inbound(self.service, route)
+            window.record(0 < status < 500, time.perf_counter() - started)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = _Headers(scope.get("headers", []))
         budget_ms = headers.get(TIMEOUT_HEADER.decode())
         deadline = None

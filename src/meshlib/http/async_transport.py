@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -25,6 +26,7 @@ from meshlib.http.resilient import run_async
 from meshlib.http.sync_transport import mirror_body
 from meshlib.routing.decide import pick_endpoint
 from meshlib.routing.request import RequestView
+from meshlib.telemetry.stats import TrafficStats
 from meshlib.tls.aiohttp_connector import MeshTlsConnector
 
 if TYPE_CHECKING:
@@ -66,8 +68,10 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         rng: random.Random | None = None,
         caller: str | None = None,
         identity: IdentityProvider | None = None,
+        stats: TrafficStats | None = None,
     ) -> None:
         self._caller = caller.encode("latin-1") if caller else None
+        self._stats = stats or TrafficStats()
         self._identity = identity
         self._store = store
         self._rng = rng or random.Random()
@@ -108,13 +112,29 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         )
         if plan is None:
             return await self._passthrough.handle_async_request(request)
-        if plan.decision.mirror is not None:
+        decision = plan.decision
+        if decision.mirror is not None:
             self._start_mirror(plan, request)
-        if plan.resilient:
-            return await run_async(self, request, plan)
-        return await self._send(
-            request, plan.decision.endpoint, plan.target, plan.headers, plan.timeout, None, plan.tls
-        )
+        window = self._stats.outbound(decision.service.name, decision.route.name)
+        started = perf_counter()
+        try:
+            if plan.resilient:
+                response = await run_async(self, request, plan)
+            else:
+                response = await self._send(
+                    request,
+                    decision.endpoint,
+                    plan.target,
+                    plan.headers,
+                    plan.timeout,
+                    None,
+                    plan.tls,
+                )
+        except Exception:
+            window.record(False, perf_counter() - started)
+            raise
+        window.record(response.status_code < 500, perf_counter() - started)
+        return response
 
     async def _send(
         self,

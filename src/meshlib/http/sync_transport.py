@@ -8,6 +8,7 @@ import ssl
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 import httpcore
@@ -19,6 +20,7 @@ from meshlib.http.plan import Plan, mirror_plan, plan_request
 from meshlib.http.resilient import run_sync
 from meshlib.routing.decide import pick_endpoint
 from meshlib.routing.request import RequestView
+from meshlib.telemetry.stats import TrafficStats
 
 if TYPE_CHECKING:
     from meshlib.config.store import SnapshotStore
@@ -63,8 +65,10 @@ class MeshTransport(httpx.BaseTransport):
         rng: random.Random | None = None,
         caller: str | None = None,
         identity: IdentityProvider | None = None,
+        stats: TrafficStats | None = None,
     ) -> None:
         self._caller = caller.encode("latin-1") if caller else None
+        self._stats = stats or TrafficStats()
         limits = limits or httpx.Limits(max_connections=200, max_keepalive_connections=50)
         self._store = store
         self._rng = rng or random.Random()
@@ -97,13 +101,29 @@ class MeshTransport(httpx.BaseTransport):
         )
         if plan is None:
             return self._passthrough.handle_request(request)
-        if plan.decision.mirror is not None:
+        decision = plan.decision
+        if decision.mirror is not None:
             self._mirror.submit(self, plan, request)
-        if plan.resilient:
-            return run_sync(self, request, plan)
-        return self._send(
-            request, plan.decision.endpoint, plan.target, plan.headers, plan.timeout, None, plan.tls
-        )
+        window = self._stats.outbound(decision.service.name, decision.route.name)
+        started = perf_counter()
+        try:
+            if plan.resilient:
+                response = run_sync(self, request, plan)
+            else:
+                response = self._send(
+                    request,
+                    decision.endpoint,
+                    plan.target,
+                    plan.headers,
+                    plan.timeout,
+                    None,
+                    plan.tls,
+                )
+        except Exception:
+            window.record(False, perf_counter() - started)
+            raise
+        window.record(response.status_code < 500, perf_counter() - started)
+        return response
 
     def _send(
         self,
