@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from meshlib import cli_ca
+from meshlib import cli_admin, cli_ca
 from meshlib.config.load import load_policy_file
 from meshlib.config.store import SnapshotStore
 from meshlib.errors import ConfigError
@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
 
     cli_ca.add_commands(sub)
+    cli_admin.add_commands(sub)
     return parser
 
 

@@ -27,7 +27,9 @@ from meshlib.http.asgi import ASGIApp, MeshASGIMiddleware
 from meshlib.http.sync_transport import MeshTransport
 from meshlib.resilience.decorator import resilient
 from meshlib.snapshot import Snapshot
+from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats, to_dot
+from meshlib.telemetry.tap import Tap, TapFilter, TapSubscription
 
 if TYPE_CHECKING:
     # imported when first used: aiohttp costs ~11 MiB that sync-only users don't need
@@ -96,6 +98,9 @@ class Mesh:
         """This process's workload identity (certificates, rotation), or None."""
         self._store = SnapshotStore(validated, source, registries, self._rng)
         self._traffic = TrafficStats()
+        store = self._store
+        self._tap = Tap()
+        self._observers = Observers(self._tap, lambda: store.config.telemetry)
         self._watcher: FileWatcher | None = None
         self._closed = False
 
@@ -176,6 +181,7 @@ class Mesh:
             caller=self.service,
             identity=self.identity,
             stats=self._traffic,
+            observers=self._observers,
         )
 
     def async_transport(
@@ -195,6 +201,7 @@ class Mesh:
             caller=self.service,
             identity=self.identity,
             stats=self._traffic,
+            observers=self._observers,
         )
 
     def http_client(self, **kwargs: Any) -> httpx.Client:
@@ -240,7 +247,9 @@ class Mesh:
         name = service or self.service
         if name is None:
             raise MeshError("mesh.asgi() needs service=...: which service's inbound policy")
-        return MeshASGIMiddleware(app, self._store, name, rng=self._rng, stats=self._traffic)
+        return MeshASGIMiddleware(
+            app, self._store, name, rng=self._rng, stats=self._traffic, observers=self._observers
+        )
 
     def serve(
         self,
@@ -309,6 +318,41 @@ class Mesh:
         request count, rate (``rps``), success rate (5xx and transport errors fail) and
         ``p50_ms``/``p95_ms``/``p99_ms``, with a ``total`` per service."""
         return {"service": self.service, **self._traffic.snapshot()}
+
+    def tap(
+        self,
+        service: str | None = None,
+        *,
+        route: str | None = None,
+        status: int | str | None = None,
+        path_prefix: str | None = None,
+        direction: str | None = None,
+        sample: float = 1.0,
+        limit: int | None = None,
+        max_queued: int = 1000,
+        capture_bodies: int = 0,
+    ) -> TapSubscription:
+        """A live stream of the requests this process makes and serves that match the
+        filter (``service``: the destination or served service; ``status``: a code,
+        ``"5xx"``-style class or ``"error"``; ``sample``: the share kept).
+
+        Iterate it (``for event in tap`` or ``async for``) and close it (it is a
+        context manager); while no tap is open, requests build no events. Headers
+        such as authorization and cookies are redacted; request bodies appear only
+        with ``capture_bodies`` (a byte cap). A slow reader loses events (counted in
+        ``dropped``) instead of slowing requests down.
+        """
+        filter = TapFilter(
+            service=service,
+            route=route,
+            status=status,
+            path_prefix=path_prefix,
+            direction=direction,
+            sample=sample,
+        )
+        return self._tap.subscribe(
+            filter, limit=limit, max_queued=max_queued, capture_bodies=capture_bodies
+        )
 
     def graph(self, format: str = "json") -> dict[str, Any] | str:
         """The service graph this process observed: edges from this service to each
@@ -400,6 +444,7 @@ class Mesh:
         if self._watcher is not None:
             self._watcher.stop()
         self._store.close()
+        self._tap.close()
         if self.identity is not None and self._owns_identity:
             self.identity.close()
 

@@ -297,6 +297,21 @@ class MirrorLimits(Strict):
     timeout: Duration = Field(default=_DEFAULT_MIRROR_TIMEOUT, gt=0)
 
 
+class TelemetryConfig(Strict):
+    """What the mesh reports about each call, beyond the golden metrics."""
+
+    # one JSON line per request on the `meshlib.access` logger
+    access_log: bool = False
+    # header names whose values the tap and the access log never show, on top of
+    # authorization, proxy-authorization, cookie, set-cookie and x-api-key
+    redact_headers: list[str] = Field(default_factory=list)
+
+    @field_validator("redact_headers")
+    @classmethod
+    def _lowercase(cls, value: list[str]) -> list[str]:
+        return [name.lower() for name in value]
+
+
 class MeshConfig(Strict):
     """A whole policy document."""
 
@@ -307,6 +322,7 @@ class MeshConfig(Strict):
 
     trust_domain: str = "cluster.local"
     identity: IdentityConfig | None = None
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     defaults: Defaults = Field(default_factory=Defaults)
     mirroring: MirrorLimits = Field(default_factory=MirrorLimits)
     services: dict[ServiceName, ServiceConfig] = Field(default_factory=dict)

@@ -22,7 +22,9 @@ from meshlib.resilience.deadline import INBOUND_DEADLINE
 from meshlib.security.inbound import InboundSecurity
 from meshlib.security.peer import INBOUND_AUTHORIZATION, cookies_of, peer_from_scope
 from meshlib.security.rbac import RequestFacts, authorize
+from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
+from meshlib.telemetry.tap import Tap
 
 if TYPE_CHECKING:
     from meshlib.config.store import SnapshotStore
@@ -106,6 +108,7 @@ class MeshASGIMiddleware:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         stats: TrafficStats | None = None,
+        observers: Observers | None = None,
     ) -> None:
         self.app = app
         self._store = store
@@ -113,31 +116,48 @@ class MeshASGIMiddleware:
         self._rng = rng or random.Random()
         self._clock = clock
         self._stats = stats or TrafficStats()
+        self._observers = observers or Observers(Tap(), lambda: store.config.telemetry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         status = 0
+        response_headers: list[tuple[bytes, bytes]] = []
+        flags: list[str] = []
 
         async def observed_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_headers
             if message["type"] == "http.response.start":
                 status = message["status"]
+                response_headers = message.get("headers") or []
             await send(message)
 
         started = time.perf_counter()
+        error: BaseException | None = None
         try:
-            await self._handle(scope, receive, observed_send)
+            await self._handle(scope, receive, observed_send, flags)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             # golden metrics: every answer counts, refusals included; 5xx and
             # requests that got no answer are failures
+            elapsed = time.perf_counter() - started
             policy = self._store.current.inbound.get(self.service)
             route = policy.rule_for(scope.get("path", "/")).name if policy is not None else "*"
-            window = self._stats.inbound(self.service, route)
-            window.record(0 < status < 500, time.perf_counter() - started)
+            self._stats.inbound(self.service, route).record(0 < status < 500, elapsed)
+            observers = self._observers
+            if observers.tap.active or self._store.config.telemetry.access_log:
+                scope.setdefault("extensions", {}).setdefault("mesh", {})["flags"] = flags
+                try:
+                    observers.inbound(
+                        self.service, route, scope, status, response_headers, elapsed, error
+                    )
+                except Exception:  # observing must never break the request
+                    log.exception("tap or access log failed")
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, flags: list[str]) -> None:
         headers = _Headers(scope.get("headers", []))
         budget_ms = headers.get(TIMEOUT_HEADER.decode())
         deadline = None
@@ -148,6 +168,7 @@ class MeshASGIMiddleware:
                 remaining = None
             if remaining is not None:
                 if remaining <= 0:
+                    flags.append("deadline")
                     await _respond(send, 504, "deadline exceeded before the request started\n", [])
                     return
                 deadline = self._clock() + remaining
@@ -158,6 +179,7 @@ class MeshASGIMiddleware:
         if security is not None and security.active:
             refusal = await self._check(security, scope, headers, peer)
             if isinstance(refusal, _Refusal):
+                flags.append("denied")
                 await _respond(send, refusal.status, refusal.text, refusal.headers)
                 return
             principal = refusal
@@ -170,6 +192,7 @@ class MeshASGIMiddleware:
                 caller = str(client[0]) if client else "unknown"
             verdict = policy.judge(scope.get("path", "/"), caller, headers, self._rng)
             if verdict.limited:
+                flags.append("rate_limited")
                 retry_after = str(max(1, math.ceil(verdict.retry_after))).encode()
                 await _respond(
                     send,
@@ -180,6 +203,7 @@ class MeshASGIMiddleware:
                 return
             fault = verdict.fault
             if fault is not None:
+                flags.append("faulted")
                 if fault.delay:
                     await asyncio.sleep(fault.delay)
                 if fault.abort_status is not None:
@@ -193,6 +217,7 @@ class MeshASGIMiddleware:
             "deadline": deadline,
             "peer": peer,
             "principal": principal,
+            "flags": flags,
         }
         forwarded = None
         if principal is not None and principal.token is not None:
@@ -203,7 +228,7 @@ class MeshASGIMiddleware:
                 return
             token = INBOUND_DEADLINE.set(deadline)  # calls made while serving inherit it
             try:
-                await self._with_deadline(scope, receive, send, deadline)
+                await self._with_deadline(scope, receive, send, deadline, flags)
             finally:
                 INBOUND_DEADLINE.reset(token)
         finally:
@@ -246,7 +271,7 @@ class MeshASGIMiddleware:
         return principal
 
     async def _with_deadline(
-        self, scope: Scope, receive: Receive, send: Send, deadline: float
+        self, scope: Scope, receive: Receive, send: Send, deadline: float, flags: list[str]
     ) -> None:
         started = False
 
@@ -263,4 +288,5 @@ class MeshASGIMiddleware:
             if started:
                 raise  # the answer is half sent: all we can do is drop the connection
             log.info("%s: request cut off at its deadline", self.service)
+            flags.append("deadline")
             await _respond(send, 504, "deadline exceeded while handling the request\n", [])

@@ -24,9 +24,11 @@ from meshlib.http.aiohttp_errors import aiohttp_errors
 from meshlib.http.plan import Plan, mirror_plan, plan_request
 from meshlib.http.resilient import run_async
 from meshlib.http.sync_transport import mirror_body
-from meshlib.routing.decide import pick_endpoint
+from meshlib.routing.decide import Decision, pick_endpoint
 from meshlib.routing.request import RequestView
+from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
+from meshlib.telemetry.tap import Tap
 from meshlib.tls.aiohttp_connector import MeshTlsConnector
 
 if TYPE_CHECKING:
@@ -69,9 +71,12 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         caller: str | None = None,
         identity: IdentityProvider | None = None,
         stats: TrafficStats | None = None,
+        observers: Observers | None = None,
     ) -> None:
         self._caller = caller.encode("latin-1") if caller else None
+        self._caller_name = caller
         self._stats = stats or TrafficStats()
+        self._observers = observers or Observers(Tap(), lambda: store.config.telemetry)
         self._identity = identity
         self._store = store
         self._rng = rng or random.Random()
@@ -130,11 +135,39 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                     None,
                     plan.tls,
                 )
-        except Exception:
-            window.record(False, perf_counter() - started)
+        except Exception as exc:
+            elapsed = perf_counter() - started
+            window.record(False, elapsed)
+            if self._observers.tap.active or self._store.config.telemetry.access_log:
+                self._observe(decision, request, None, exc, elapsed)
             raise
-        window.record(response.status_code < 500, perf_counter() - started)
+        elapsed = perf_counter() - started
+        window.record(response.status_code < 500, elapsed)
+        if self._observers.tap.active or self._store.config.telemetry.access_log:
+            self._observe(decision, request, response, None, elapsed)
         return response
+
+    def _observe(
+        self,
+        decision: Decision,
+        request: httpx.Request,
+        response: httpx.Response | None,
+        error: BaseException | None,
+        seconds: float,
+    ) -> None:
+        try:
+            self._observers.outbound(
+                self._caller_name,
+                decision.service.name,
+                decision.route.name,
+                decision.endpoint.address,
+                request,
+                response,
+                error,
+                seconds,
+            )
+        except Exception:  # observing must never break the call
+            log.exception("tap or access log failed")
 
     async def _send(
         self,

@@ -133,7 +133,12 @@ def _line(control: CallControl) -> tuple[Bulkhead, float]:
 
 
 def _fault_response(status: int) -> httpx.Response:
-    return httpx.Response(status, headers=[(FAULT_HEADER, b"abort")], content=b"fault injected")
+    return httpx.Response(
+        status,
+        headers=[(FAULT_HEADER, b"abort")],
+        content=b"fault injected",
+        extensions={"mesh": {"attempts": 0, "endpoint": "", "flags": ["faulted"]}},
+    )
 
 
 def run_sync(transport: MeshTransport, request: httpx.Request, plan: Plan) -> httpx.Response:
@@ -208,6 +213,7 @@ def _loop_sync(
                 continue
             following = control.on_status(attempt, outcome.status_code)
             if following is None:
+                outcome.extensions["mesh"] = control.report(attempt)
                 return outcome
             outcome.close()
             attempt, outcome = following, None
@@ -285,6 +291,7 @@ async def _loop_async(
                 continue
             following = control.on_status(attempt, outcome.status_code)
             if following is None:
+                outcome.extensions["mesh"] = control.report(attempt)
                 return outcome
             await outcome.aclose()
             attempt, outcome = following, None

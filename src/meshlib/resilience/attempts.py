@@ -49,6 +49,7 @@ class CallControl:
         "deadline",
         "deadline_source",
         "guard",
+        "hedged",
         "holds_slot",
         "method",
         "policy",
@@ -79,6 +80,8 @@ class CallControl:
         self._rng = rng
         self._tried: set[str] = set()
         self._holds_retry_slot = False
+        self.hedged = False
+        """Whether a backup attempt was sent."""
         hedge = policy.hedge
         self.timed = hedge is not None and hedge.latencies is not None
         """Whether attempts must be timed (``started``) for the hedging percentile."""
@@ -181,6 +184,7 @@ class CallControl:
             return None
         if endpoint.address in avoid:
             return None  # a backup to the same endpoint only doubles its load
+        self.hedged = True
         return self._attempt(endpoint, attempt.number + 1, 0.0)
 
     def settle(self, attempt: Attempt, status: int | None, exc: BaseException | None) -> None:
@@ -221,6 +225,14 @@ class CallControl:
                 f"endpoint {attempt.endpoint.address})",
             ) from exc
         raise exc
+
+    def report(self, attempt: Attempt) -> dict[str, object]:
+        """How the call went, for ``response.extensions["mesh"]``: the attempts sent
+        (backups included), the endpoint that answered, and flags."""
+        flags = []
+        if attempt.number > 1:
+            flags.append("hedged" if self.hedged else "retried")
+        return {"attempts": attempt.number, "endpoint": attempt.endpoint.address, "flags": flags}
 
     def finish(self) -> None:
         """Release what the call held: its request slot and retry slot of the bulkhead."""
