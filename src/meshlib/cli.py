@@ -137,7 +137,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from meshlib.demo.run import run_demo
 
-    return run_demo(requests=args.requests, seed=args.seed, out=_out)
+    return run_demo(
+        requests=args.requests,
+        seed=args.seed,
+        out=_out,
+        serve=args.serve,
+        admin_port=args.admin_port,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run demo services on loopback and show the mesh working")
     demo.add_argument("--requests", type=int, default=400)
     demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep running with the admin endpoint up and light traffic (Ctrl-C stops)",
+    )
+    demo.add_argument("--admin-port", type=int, default=0, help="admin port with --serve")
     demo.set_defaults(run=cmd_demo)
 
     cli_ca.add_commands(sub)

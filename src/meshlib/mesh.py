@@ -34,6 +34,7 @@ from meshlib.telemetry.tap import Tap, TapFilter, TapSubscription
 if TYPE_CHECKING:
     # imported when first used: aiohttp costs ~11 MiB that sync-only users don't need
     from meshlib.http.async_transport import AsyncMeshTransport
+    from meshlib.telemetry.admin import AdminServer
     from meshlib.tls.provider import IdentityProvider
     from meshlib.tls.server import RunningServer
 
@@ -100,6 +101,7 @@ class Mesh:
         self._traffic = TrafficStats()
         store = self._store
         self._tap = Tap()
+        self._admins: list[AdminServer] = []
         self._observers = Observers(self._tap, lambda: store.config.telemetry)
         self._watcher: FileWatcher | None = None
         self._closed = False
@@ -354,6 +356,26 @@ class Mesh:
             filter, limit=limit, max_queued=max_queued, capture_bodies=capture_bodies
         )
 
+    def start_admin(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        token: str | None = None,
+        allow_remote: bool = False,
+    ) -> AdminServer:
+        """Start the admin endpoint (``/healthz``, ``/config_dump``, ``/stats``,
+        ``/metrics``, ``/tap``, ``/graph``) on a daemon thread; it stops with the mesh.
+
+        Loopback only unless ``allow_remote``; with ``token`` every request must
+        send ``Authorization: Bearer <token>``. ``meshlib top --admin URL`` reads it.
+        """
+        from meshlib.telemetry.admin import AdminServer
+
+        admin = AdminServer(self, host=host, port=port, token=token, allow_remote=allow_remote)
+        self._admins.append(admin.start())
+        return admin
+
     def graph(self, format: str = "json") -> dict[str, Any] | str:
         """The service graph this process observed: edges from this service to each
         destination with rate, success rate and latency; ``format="dot"`` for Graphviz."""
@@ -443,6 +465,8 @@ class Mesh:
         self._closed = True
         if self._watcher is not None:
             self._watcher.stop()
+        for admin in self._admins:
+            admin.stop()
         self._store.close()
         self._tap.close()
         if self.identity is not None and self._owns_identity:

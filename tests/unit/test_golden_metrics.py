@@ -116,3 +116,12 @@ def test_graph_and_dot() -> None:
     assert dot.startswith("digraph mesh {")
     assert '"checkout" -> "users"' in dot and "100.0% ok" in dot
     assert '"checkout" -> "billing"' in dot and "color=red" in dot
+
+
+def test_a_young_window_divides_by_its_age() -> None:
+    clock = FakeClock()
+    window = Window(60.0, clock=clock)
+    for _ in range(10):
+        window.record(True, 0.001)
+        clock.now += 0.2
+    assert window.summary()["rps"] == 5.0  # 10 requests in its first 2 seconds

@@ -43,7 +43,7 @@ class Window:
     skews a statistic by one request. Rotating to a new slice takes a lock.
     """
 
-    __slots__ = ("_clock", "_current", "_lock", "_slices", "_width", "seconds", "total")
+    __slots__ = ("_born", "_clock", "_current", "_lock", "_slices", "_width", "seconds", "total")
 
     def __init__(
         self, seconds: float = 60.0, slices: int = 12, clock: Callable[[], float] = time.monotonic
@@ -52,6 +52,7 @@ class Window:
         self._width = seconds / slices
         self._clock = clock
         self._lock = threading.Lock()
+        self._born = clock()
         tick = int(clock() / self._width)
         self._slices = [_Slice(tick - i) for i in range(slices)]
         self._current = self._slices[0]
@@ -91,10 +92,12 @@ class Window:
         return [s for s in self._slices if now_tick - s.tick < len(self._slices)]
 
     def covered(self) -> float:
-        """Seconds of traffic the live slices span (the newest is only partly over)."""
+        """Seconds of traffic the live slices span (the newest is only partly over),
+        or the window's age while it is younger than that (at least one second)."""
         now = self._clock()
         partial = now - int(now / self._width) * self._width
-        return max(self._width, (len(self._slices) - 1) * self._width + partial)
+        span = (len(self._slices) - 1) * self._width + partial
+        return max(1.0, min(span, now - self._born))
 
 
 def summarize(windows: Sequence[Window]) -> dict[str, Any]:
