@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -124,4 +125,4 @@ def test_a_young_window_divides_by_its_age() -> None:
     for _ in range(10):
         window.record(True, 0.001)
         clock.now += 0.2
-    assert window.summary()["rps"] == 5.0  # 10 requests in its first 2 seconds
+    assert window.summary()["rps"] == pytest.approx(5.0)  # 10 requests in its first 2 s

@@ -1,9 +1,17 @@
 """The admin endpoint: a mesh's configuration, golden metrics and service graph over
 HTTP, from a daemon thread, with the standard library only. Off unless started.
 
-``/healthz``, ``/config_dump``, ``/stats``, ``/graph`` (``?format=dot``) and
-``/metrics`` (Prometheus text format), GET only; loopback unless ``allow_remote``,
-and with ``token`` every request needs ``Authorization: Bearer <token>``.
+``/healthz``, ``/config_dump``, ``/stats``, ``/graph`` (``?format=dot``),
+``/metrics`` (Prometheus text format) and ``/tap`` (the live tap as server-sent
+events), GET only; loopback unless ``allow_remote``, and with ``token`` every
+request needs ``Authorization: Bearer <token>``.
+
+``/tap`` takes the filter of `Mesh.tap` as query parameters (``service``, ``route``,
+``status``, ``path_prefix``, ``direction``, ``sample``, ``limit``) and streams one
+``event: request`` per matching request, its ``data`` the JSON of `TapEvent.to_dict`
+(headers redacted, never bodies), with a ``: keep-alive`` comment after each idle
+second. The response has no length: it ends when the connection closes, which
+happens at ``limit``, when the client goes away, or on `AdminServer.stop`.
 """
 
 from __future__ import annotations
@@ -28,11 +36,17 @@ from meshlib.telemetry import prometheus
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
+    from meshlib.telemetry.tap import TapSubscription
 
 log = logging.getLogger("meshlib.admin")
 
 JSON = "application/json"
 DOT = "text/vnd.graphviz; charset=utf-8"
+EVENT_STREAM = "text/event-stream"
+# how long a /tap stream waits for an event before writing a keep-alive comment (the
+# write is what notices a client that has gone away)
+TAP_KEEPALIVE_SECONDS = 1.0
+_TAP_PARAMETERS = ("service", "route", "status", "path_prefix", "direction", "sample", "limit")
 # an idle keep-alive connection holds a handler thread; let it go after this long
 _IDLE_SECONDS = 30.0
 
@@ -112,12 +126,15 @@ class AdminServer:
         return self
 
     def stop(self) -> None:
-        """Stop serving, end open connections, join the thread and free the port."""
+        """Stop serving, end open connections (``/tap`` streams included), join the
+        thread and free the port."""
         with self._lock:
             server, thread = self._server, self._thread
             self._server = self._thread = None
         if server is None:
             return
+        # first, so that a stream's handler thread sees its end at once
+        server.close_streams()
         server.shutdown()
         if thread is not None:
             thread.join(timeout=10)
@@ -144,6 +161,8 @@ class _Server(ThreadingHTTPServer):
         self.token = token
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        self._streams: set[TapSubscription] = set()
+        self._stopping = False
         super().__init__((host, port), _Handler)
 
     def server_bind(self) -> None:
@@ -169,6 +188,27 @@ class _Server(ThreadingHTTPServer):
             with contextlib.suppress(OSError):  # already closed by its peer
                 connection.shutdown(socket.SHUT_RDWR)
 
+    def add_stream(self, subscription: TapSubscription) -> bool:
+        """Track an open ``/tap`` subscription; False (and nothing tracked) once
+        stopping, when the stream must not start."""
+        with self._connections_lock:
+            if self._stopping:
+                return False
+            self._streams.add(subscription)
+            return True
+
+    def discard_stream(self, subscription: TapSubscription) -> None:
+        with self._connections_lock:
+            self._streams.discard(subscription)
+
+    def close_streams(self) -> None:
+        """End every open ``/tap`` stream, and refuse new ones from now on."""
+        with self._connections_lock:
+            self._stopping = True
+            streams = list(self._streams)
+        for subscription in streams:
+            subscription.close()
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -183,6 +223,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         parts = urlsplit(self.path)
+        if parts.path == "/tap":
+            self._tap(parse_qs(parts.query, keep_blank_values=True))
+            return
         endpoint = _ENDPOINTS.get(parts.path)
         if endpoint is None:
             self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {parts.path}"})
@@ -195,6 +238,58 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
             return
         self._send(status, content_type, body)
+
+    def _tap(self, query: Query) -> None:
+        """Stream the tap as server-sent events until the subscription ends, the
+        client goes away or the server stops."""
+        server = cast(_Server, self.server)
+        try:
+            options = _tap_options(query)
+            # never bodies: they would leave the process over the network
+            subscription = server.mesh.tap(**options, capture_bodies=0)
+        except ValueError as exc:
+            self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            return
+        except Exception:
+            log.exception("admin /tap failed")
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
+            return
+        try:
+            if not server.add_stream(subscription):
+                self.close_connection = True
+                self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "admin endpoint stopping"})
+                return
+            try:
+                self._stream(subscription)
+            finally:
+                server.discard_stream(subscription)
+        finally:
+            subscription.close()
+
+    def _stream(self, subscription: TapSubscription) -> None:
+        # no length and no chunking: the body ends when the connection closes
+        self.close_connection = True
+        try:
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", EVENT_STREAM)
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            while not subscription.done:
+                event = subscription.next(timeout=TAP_KEEPALIVE_SECONDS)
+                if event is not None:
+                    chunk = b"event: request\ndata: " + _dumps(event.to_dict()) + b"\n\n"
+                elif subscription.done:
+                    break
+                else:
+                    chunk = b": keep-alive\n\n"
+                self.wfile.write(chunk)
+                self.wfile.flush()
+        except OSError as exc:
+            # BrokenPipeError, ConnectionResetError, a timed-out write, or stop()
+            # shutting the socket down: the stream is over either way
+            log.debug("admin /tap: client %s gone: %s", self.address_string(), exc)
 
     def _not_allowed(self) -> None:
         # the request may carry a body we will not read: don't reuse the connection
@@ -300,6 +395,31 @@ def _graph(mesh: Mesh, query: Query) -> Answer:
 
 def _metrics(mesh: Mesh, query: Query) -> Answer:
     return HTTPStatus.OK, prometheus.CONTENT_TYPE, prometheus.render(mesh).encode("utf-8")
+
+
+def _tap_options(query: Query) -> dict[str, Any]:
+    """The keyword arguments of `Mesh.tap` from ``/tap``'s query (the last value of a
+    repeated parameter wins); ValueError naming the parameter when one is wrong."""
+    unknown = sorted(set(query) - set(_TAP_PARAMETERS))
+    if unknown:
+        raise ValueError(f"tap: unknown parameter {unknown[0]!r}: use {', '.join(_TAP_PARAMETERS)}")
+    options: dict[str, Any] = {}
+    for name in ("service", "route", "status", "path_prefix", "direction"):
+        if name in query:
+            options[name] = query[name][-1]
+    if "sample" in query:
+        text = query["sample"][-1]
+        try:
+            options["sample"] = float(text)
+        except ValueError:
+            raise ValueError(f"tap: sample must be a number in [0, 1], got {text!r}") from None
+    if "limit" in query:
+        text = query["limit"][-1]
+        try:
+            options["limit"] = int(text)
+        except ValueError:
+            raise ValueError(f"tap: limit must be an integer >= 1, got {text!r}") from None
+    return options
 
 
 _ENDPOINTS: dict[str, Callable[[Mesh, Query], Answer]] = {
