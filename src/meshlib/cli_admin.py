@@ -284,8 +284,8 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 def cmd_graph(args: argparse.Namespace) -> int:
     try:
-        if args.format == "dot":
-            _, body = fetch(args.admin, "/graph?format=dot", args.token)
+        if args.format in ("dot", "svg"):
+            _, body = fetch(args.admin, f"/graph?format={args.format}", args.token)
             sys.stdout.write(body.decode("utf-8"))
             return 0
         graph = fetch_json(args.admin, "/graph", args.token)
@@ -338,7 +338,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
     graph = subparsers.add_parser("graph", help="the service graph from a mesh's admin endpoint")
     _admin_arguments(graph)
-    graph.add_argument("--format", choices=("json", "dot"), default="json")
+    graph.add_argument("--format", choices=("json", "dot", "svg"), default="json")
     graph.set_defaults(run=cmd_graph)
 
     tap = subparsers.add_parser(

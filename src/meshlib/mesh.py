@@ -29,6 +29,7 @@ from meshlib.resilience.decorator import resilient
 from meshlib.snapshot import Snapshot
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats, to_dot
+from meshlib.telemetry.svg import to_svg
 from meshlib.telemetry.tap import Tap, TapFilter, TapSubscription
 
 if TYPE_CHECKING:
@@ -378,12 +379,15 @@ class Mesh:
 
     def graph(self, format: str = "json") -> dict[str, Any] | str:
         """The service graph this process observed: edges from this service to each
-        destination with rate, success rate and latency; ``format="dot"`` for Graphviz."""
+        destination with rate, success rate and latency; ``format="dot"`` for Graphviz,
+        ``"svg"`` for a picture."""
         graph = self._traffic.graph(self.service)
         if format == "dot":
             return to_dot(graph)
+        if format == "svg":
+            return to_svg(graph)
         if format != "json":
-            raise MeshError(f"graph format {format!r}: use 'json' or 'dot'")
+            raise MeshError(f"graph format {format!r}: use 'json', 'dot' or 'svg'")
         return graph
 
     def explain(

@@ -146,6 +146,9 @@ def test_graph_json_and_dot(admin: AdminServer) -> None:
     assert status == 200 and headers["Content-Type"].startswith("text/vnd.graphviz")
     assert '"checkout" -> "users"' in body.decode()
     status, headers, body = request(admin, "/graph?format=svg")
+    assert status == 200 and headers["Content-Type"] == "image/svg+xml"
+    assert body.startswith(b"<svg") and b">users</text>" in body
+    status, headers, body = request(admin, "/graph?format=png")
     assert status == 400 and json.loads(body)["error"].startswith("graph format")
 
 

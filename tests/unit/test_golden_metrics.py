@@ -126,3 +126,21 @@ def test_a_young_window_divides_by_its_age() -> None:
         window.record(True, 0.001)
         clock.now += 0.2
     assert window.summary()["rps"] == pytest.approx(5.0)  # 10 requests in its first 2 s
+
+
+def test_graph_as_svg() -> None:
+    import xml.etree.ElementTree as ElementTree
+
+    from meshlib.telemetry.svg import to_svg
+
+    stats = TrafficStats(clock=FakeClock())
+    for _ in range(20):
+        stats.outbound("users", "default").record(True, 0.004)
+    stats.outbound("bill<ing>", "default").record(False, 0.1)
+    svg = to_svg(stats.graph("checkout"))
+    root = ElementTree.fromstring(svg)  # well-formed, names escaped
+    texts = [t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert {"checkout", "users", "bill<ing>"} <= set(texts)
+    assert any("100.0% ok" in t for t in texts) and any("0.0% ok" in t for t in texts)
+    assert len(list(root.iter("{http://www.w3.org/2000/svg}line"))) == 2
+    assert "#c62828" in svg  # the failing edge is red

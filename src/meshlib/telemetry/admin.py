@@ -387,8 +387,10 @@ def _graph(mesh: Mesh, query: Query) -> Answer:
     fmt = query.get("format", ["json"])[-1]
     if fmt == "dot":
         return HTTPStatus.OK, DOT, str(mesh.graph("dot")).encode("utf-8")
+    if fmt == "svg":
+        return HTTPStatus.OK, "image/svg+xml", str(mesh.graph("svg")).encode("utf-8")
     if fmt != "json":
-        error = {"error": f"graph format {fmt!r}: use 'json' or 'dot'"}
+        error = {"error": f"graph format {fmt!r}: use 'json', 'dot' or 'svg'"}
         return HTTPStatus.BAD_REQUEST, JSON, _dumps(error)
     return HTTPStatus.OK, JSON, _dumps(mesh.graph())
 
