@@ -297,6 +297,20 @@ class MirrorLimits(Strict):
     timeout: Duration = Field(default=_DEFAULT_MIRROR_TIMEOUT, gt=0)
 
 
+class TracingConfig(Strict):
+    """OpenTelemetry tracing of the calls through the mesh (``telemetry.tracing``).
+
+    Spans are made only while the application has installed a TracerProvider; the
+    ratio applies to requests that arrive without a trace: the others follow the
+    sampled flag of their parent.
+    """
+
+    enabled: bool = True
+    # the share of new traces kept; like the SDK's default sampler, all of them until
+    # told otherwise (a hot-reloadable setting, unlike the SDK's sampler)
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+
+
 class TelemetryConfig(Strict):
     """What the mesh reports about each call, beyond the golden metrics."""
 
@@ -305,6 +319,7 @@ class TelemetryConfig(Strict):
     # header names whose values the tap and the access log never show, on top of
     # authorization, proxy-authorization, cookie, set-cookie and x-api-key
     redact_headers: list[str] = Field(default_factory=list)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
 
     @field_validator("redact_headers")
     @classmethod

@@ -6,6 +6,9 @@ already passed is answered 504 without running the app), the caller's identity
 WWW-Authenticate), authorization (403 with an opaque reason id), rate limits per
 route and per caller (429 with Retry-After), injected faults, then the app,
 which is cut off with 504 if it has not started answering by the deadline.
+
+With tracing on, the whole of it runs in a SERVER span that is the current span
+while the app runs (`meshlib.telemetry.tracing`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from meshlib.security.rbac import RequestFacts, authorize
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
 from meshlib.telemetry.tap import Tap
+from meshlib.telemetry.tracing import TRACING, UNSAMPLED, ServerTrace, current_context, roll
 
 if TYPE_CHECKING:
     from meshlib.config.store import SnapshotStore
@@ -49,6 +53,10 @@ class _Headers(Mapping[str, str]):
     def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
         self._raw = raw
         self._map: dict[str, str] | None = None
+
+    def decoded(self) -> dict[str, str]:
+        """All headers by lowercase name (the last value wins)."""
+        return self._decoded()
 
     def _decoded(self) -> dict[str, str]:
         if self._map is None:
@@ -117,6 +125,7 @@ class MeshASGIMiddleware:
         self._clock = clock
         self._stats = stats or TrafficStats()
         self._observers = observers or Observers(Tap(), lambda: store.config.telemetry)
+        TRACING.refresh()  # a provider installed since the last look is used at once
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -134,9 +143,27 @@ class MeshASGIMiddleware:
             await send(message)
 
         started = time.perf_counter()
+        headers = _Headers(scope.get("headers", []))
+        # tracing: while off, two attribute reads; while on, an unsampled request
+        # without a propagated context sets a context variable and nothing else
+        if started >= TRACING.check_at:
+            TRACING.refresh(started)
+        server: ServerTrace | None = None
+        unsampled = None
+        if TRACING.on:
+            settings = self._store.config.telemetry.tracing
+            if settings.enabled:
+                seen = headers.decoded()
+                if current_context() or not TRACING.fields.isdisjoint(seen):
+                    server = TRACING.start_server(scope, seen, self.service, settings.sample_ratio)
+                elif roll() < settings.sample_ratio:
+                    # rolled already: a root that start_server must not roll for again
+                    server = TRACING.start_server(scope, seen, self.service, 1.0)
+                else:
+                    unsampled = UNSAMPLED.set(True)
         error: BaseException | None = None
         try:
-            await self._handle(scope, receive, observed_send, flags)
+            await self._handle(scope, receive, observed_send, flags, headers)
         except BaseException as exc:
             error = exc
             raise
@@ -147,6 +174,10 @@ class MeshASGIMiddleware:
             policy = self._store.current.inbound.get(self.service)
             route = policy.rule_for(scope.get("path", "/")).name if policy is not None else "*"
             self._stats.inbound(self.service, route).record(0 < status < 500, elapsed)
+            if server is not None:
+                server.finish(status, route, flags, error)
+            elif unsampled is not None:
+                UNSAMPLED.reset(unsampled)
             observers = self._observers
             if observers.tap.active or self._store.config.telemetry.access_log:
                 scope.setdefault("extensions", {}).setdefault("mesh", {})["flags"] = flags
@@ -157,8 +188,9 @@ class MeshASGIMiddleware:
                 except Exception:  # observing must never break the request
                     log.exception("tap or access log failed")
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, flags: list[str]) -> None:
-        headers = _Headers(scope.get("headers", []))
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, flags: list[str], headers: _Headers
+    ) -> None:
         budget_ms = headers.get(TIMEOUT_HEADER.decode())
         deadline = None
         if budget_ms is not None:

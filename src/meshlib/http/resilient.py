@@ -3,6 +3,10 @@
 Everything that is decided (which endpoint, which limit, retry or not) is
 decided by `meshlib.resilience.attempts.CallControl`; these loops only wait,
 send and report. The sync and async loops mirror each other line by line.
+
+A sampled call has a `ClientTrace` (``trace``): each attempt then goes out in its own
+span, whose context its headers carry. Without one (tracing off, or not sampled) the
+only cost is a test of ``trace`` per attempt.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ from meshlib.resilience.limits import Bulkhead
 from meshlib.resilience.policy import NO_POLICY
 from meshlib.routing.decide import pick_another
 from meshlib.routing.request import RequestView
+from meshlib.telemetry.tracing import end_attempt
 
 if TYPE_CHECKING:
     from meshlib.http.async_transport import AsyncMeshTransport
     from meshlib.http.sync_transport import MeshTransport
+    from meshlib.telemetry.tracing import ClientTrace
 
 ATTEMPT_HEADER = b"x-mesh-attempt"
 TIMEOUT_HEADER = fastlane.TIMEOUT_HEADER
@@ -141,7 +147,12 @@ def _fault_response(status: int) -> httpx.Response:
     )
 
 
-def run_sync(transport: MeshTransport, request: httpx.Request, plan: Plan) -> httpx.Response:
+def run_sync(
+    transport: MeshTransport,
+    request: httpx.Request,
+    plan: Plan,
+    trace: ClientTrace | None = None,
+) -> httpx.Response:
     """Timeouts, retries, budget, breakers, limits and faults around sync sends.
 
     The first attempt goes through the fast lane when it can; anything beyond a
@@ -151,7 +162,7 @@ def run_sync(transport: MeshTransport, request: httpx.Request, plan: Plan) -> ht
     endpoint = decision.endpoint
     now = time.monotonic()
     if lane is None or (first := fastlane.enter(lane, endpoint.address, now)) is None:
-        return _loop_sync(transport, request, plan, None, None)
+        return _loop_sync(transport, request, plan, None, None, trace)
     headers = plan.headers
     for name, _ in headers:  # _own_headers, inlined (as below, in run_async)
         if name.lower() in _ATTEMPT_HEADERS:
@@ -159,18 +170,43 @@ def run_sync(transport: MeshTransport, request: httpx.Request, plan: Plan) -> ht
             break
     if first.header is not None:
         headers = [*headers, first.header]
+    span = None
+    if trace is not None:
+        headers, span = trace.attempt(headers, endpoint, 1, first.timeout)
     try:
         response = transport._send(
             request, endpoint, plan.target, headers, first.timeout, None, plan.tls
         )
     except httpx.TransportError as exc:
-        return _loop_sync(transport, request, plan, fastlane.entry(lane, now), exc)
-    except BaseException:
+        if span is not None:
+            end_attempt(span, None, exc)
+        return _loop_sync(transport, request, plan, fastlane.entry(lane, now), exc, trace)
+    except BaseException as exc:
+        if span is not None:
+            end_attempt(span, None, exc)
         fastlane.leave(lane)
         raise
+    if span is not None:
+        end_attempt(span, response.status_code, None)
     if fastlane.settle(lane, endpoint.address, response.status_code):
         return response
-    return _loop_sync(transport, request, plan, fastlane.entry(lane, now), response)
+    return _loop_sync(transport, request, plan, fastlane.entry(lane, now), response, trace)
+
+
+def send_once_sync(
+    transport: MeshTransport, request: httpx.Request, plan: Plan, trace: ClientTrace
+) -> httpx.Response:
+    """A traced call without resilience policy: its one attempt, in its span."""
+    headers, span = trace.attempt(plan.headers, plan.decision.endpoint, 1, plan.timeout)
+    try:
+        response = transport._send(
+            request, plan.decision.endpoint, plan.target, headers, plan.timeout, None, plan.tls
+        )
+    except BaseException as exc:
+        end_attempt(span, None, exc)
+        raise
+    end_attempt(span, response.status_code, None)
+    return response
 
 
 def _loop_sync(
@@ -179,6 +215,7 @@ def _loop_sync(
     plan: Plan,
     entry: fastlane.Entry | None,
     outcome: Outcome | None,
+    trace: ClientTrace | None,
 ) -> httpx.Response:
     """The attempt loop: from the start (no ``entry``), or after the fast lane's first
     attempt, whose ``outcome`` it records first."""
@@ -194,6 +231,8 @@ def _loop_sync(
                 control.holds_slot = True
             fault = _fault(control, request, transport._rng)
             if fault is not None:
+                if trace is not None:
+                    trace.fault(fault)
                 if fault.delay:
                     time.sleep(fault.delay)
                 if fault.abort_status is not None:
@@ -204,17 +243,21 @@ def _loop_sync(
                 if attempt.delay:
                     time.sleep(attempt.delay)
                 if control.policy.hedge is None:
-                    outcome = _send_sync(transport, send, control, attempt)
+                    outcome = _send_sync(transport, send, control, attempt, trace)
                 else:
-                    attempt, outcome = _race_sync(transport, send, control, attempt)
+                    attempt, outcome = _race_sync(transport, send, control, attempt, trace)
             if not isinstance(outcome, httpx.Response):
-                attempt = control.on_error(attempt, outcome)
+                failed, attempt = attempt, control.on_error(attempt, outcome)
+                if trace is not None:
+                    trace.retry(failed, attempt, outcome)
                 outcome = None
                 continue
             following = control.on_status(attempt, outcome.status_code)
             if following is None:
                 outcome.extensions["mesh"] = control.report(attempt)
                 return outcome
+            if trace is not None:
+                trace.retry(attempt, following, outcome.status_code)
             outcome.close()
             attempt, outcome = following, None
     finally:
@@ -222,7 +265,10 @@ def _loop_sync(
 
 
 async def run_async(
-    transport: AsyncMeshTransport, request: httpx.Request, plan: Plan
+    transport: AsyncMeshTransport,
+    request: httpx.Request,
+    plan: Plan,
+    trace: ClientTrace | None = None,
 ) -> httpx.Response:
     """The async twin of run_sync."""
     decision = plan.decision
@@ -230,7 +276,7 @@ async def run_async(
     endpoint = decision.endpoint
     now = time.monotonic()
     if lane is None or (first := fastlane.enter(lane, endpoint.address, now)) is None:
-        return await _loop_async(transport, request, plan, None, None)
+        return await _loop_async(transport, request, plan, None, None, trace)
     headers = plan.headers
     for name, _ in headers:
         if name.lower() in _ATTEMPT_HEADERS:
@@ -238,18 +284,44 @@ async def run_async(
             break
     if first.header is not None:
         headers = [*headers, first.header]
+    span = None
+    if trace is not None:
+        headers, span = trace.attempt(headers, endpoint, 1, first.timeout)
     try:
         response = await transport._send(
             request, endpoint, plan.target, headers, first.timeout, None, plan.tls
         )
     except httpx.TransportError as exc:
-        return await _loop_async(transport, request, plan, fastlane.entry(lane, now), exc)
-    except BaseException:
+        if span is not None:
+            end_attempt(span, None, exc)
+        return await _loop_async(transport, request, plan, fastlane.entry(lane, now), exc, trace)
+    except BaseException as exc:
+        if span is not None:
+            end_attempt(span, None, exc)
         fastlane.leave(lane)
         raise
+    if span is not None:
+        end_attempt(span, response.status_code, None)
     if fastlane.settle(lane, endpoint.address, response.status_code):
         return response
-    return await _loop_async(transport, request, plan, fastlane.entry(lane, now), response)
+    entry = fastlane.entry(lane, now)
+    return await _loop_async(transport, request, plan, entry, response, trace)
+
+
+async def send_once_async(
+    transport: AsyncMeshTransport, request: httpx.Request, plan: Plan, trace: ClientTrace
+) -> httpx.Response:
+    """The async twin of send_once_sync."""
+    headers, span = trace.attempt(plan.headers, plan.decision.endpoint, 1, plan.timeout)
+    try:
+        response = await transport._send(
+            request, plan.decision.endpoint, plan.target, headers, plan.timeout, None, plan.tls
+        )
+    except BaseException as exc:
+        end_attempt(span, None, exc)
+        raise
+    end_attempt(span, response.status_code, None)
+    return response
 
 
 async def _loop_async(
@@ -258,6 +330,7 @@ async def _loop_async(
     plan: Plan,
     entry: fastlane.Entry | None,
     outcome: Outcome | None,
+    trace: ClientTrace | None,
 ) -> httpx.Response:
     """The async twin of _loop_sync."""
     control, send = _prepare(plan, request, transport._rng)
@@ -272,6 +345,8 @@ async def _loop_async(
                 control.holds_slot = True
             fault = _fault(control, request, transport._rng)
             if fault is not None:
+                if trace is not None:
+                    trace.fault(fault)
                 if fault.delay:
                     await asyncio.sleep(fault.delay)
                 if fault.abort_status is not None:
@@ -282,17 +357,21 @@ async def _loop_async(
                 if attempt.delay:
                     await asyncio.sleep(attempt.delay)
                 if control.policy.hedge is None:
-                    outcome = await _send_async(transport, send, control, attempt)
+                    outcome = await _send_async(transport, send, control, attempt, trace)
                 else:
-                    attempt, outcome = await _race_async(transport, send, control, attempt)
+                    attempt, outcome = await _race_async(transport, send, control, attempt, trace)
             if not isinstance(outcome, httpx.Response):
-                attempt = control.on_error(attempt, outcome)
+                failed, attempt = attempt, control.on_error(attempt, outcome)
+                if trace is not None:
+                    trace.retry(failed, attempt, outcome)
                 outcome = None
                 continue
             following = control.on_status(attempt, outcome.status_code)
             if following is None:
                 outcome.extensions["mesh"] = control.report(attempt)
                 return outcome
+            if trace is not None:
+                trace.retry(attempt, following, outcome.status_code)
             await outcome.aclose()
             attempt, outcome = following, None
     finally:
@@ -307,7 +386,11 @@ def _good(outcome: Outcome) -> bool:
 
 
 def _race_sync(
-    transport: MeshTransport, send: _Send, control: CallControl, attempt: Attempt
+    transport: MeshTransport,
+    send: _Send,
+    control: CallControl,
+    attempt: Attempt,
+    trace: ClientTrace | None,
 ) -> tuple[Attempt, Outcome]:
     """Send one attempt and race a backup after the hedge delay.
 
@@ -318,12 +401,12 @@ def _race_sync(
     delay = control.hedge_delay()
     executor = transport.hedge_executor() if delay is not None else None
     if executor is None:
-        return attempt, _send_sync(transport, send, control, attempt)
+        return attempt, _send_sync(transport, send, control, attempt, trace)
 
     def send_in_pool(one: Attempt) -> Outcome:
         transport.hedge_threads_busy += 1
         try:
-            return _send_sync(transport, send, control, one)
+            return _send_sync(transport, send, control, one, trace, one is not attempt)
         finally:
             transport.hedge_threads_busy -= 1
 
@@ -332,6 +415,8 @@ def _race_sync(
     if not done:
         backup = control.hedge(attempt)
         if backup is not None:
+            if trace is not None:
+                trace.hedge(backup)
             racers[executor.submit(send_in_pool, backup)] = backup
     pending = set(racers)
     while True:
@@ -347,13 +432,23 @@ def _race_sync(
 
 
 def _send_sync(
-    transport: MeshTransport, send: _Send, control: CallControl, attempt: Attempt
+    transport: MeshTransport,
+    send: _Send,
+    control: CallControl,
+    attempt: Attempt,
+    trace: ClientTrace | None = None,
+    hedge: bool = False,
 ) -> Outcome:
     if control.timed:
         control.started(attempt)
     headers = _attempt_headers(send.headers, attempt)
+    span = None
+    if trace is not None:
+        headers, span = trace.attempt(
+            headers, attempt.endpoint, attempt.number, attempt.timeout, hedge
+        )
     try:
-        return transport._send(
+        response = transport._send(
             send.request,
             attempt.endpoint,
             send.target,
@@ -363,17 +458,36 @@ def _send_sync(
             send.tls,
         )
     except httpx.TransportError as exc:
+        if span is not None:
+            end_attempt(span, None, exc)
         return exc
+    except BaseException as exc:
+        if span is not None:
+            end_attempt(span, None, exc)
+        raise
+    if span is not None:
+        end_attempt(span, response.status_code, None)
+    return response
 
 
 async def _send_async(
-    transport: AsyncMeshTransport, send: _Send, control: CallControl, attempt: Attempt
+    transport: AsyncMeshTransport,
+    send: _Send,
+    control: CallControl,
+    attempt: Attempt,
+    trace: ClientTrace | None = None,
+    hedge: bool = False,
 ) -> Outcome:
     if control.timed:
         control.started(attempt)
     headers = _attempt_headers(send.headers, attempt)
+    span = None
+    if trace is not None:
+        headers, span = trace.attempt(
+            headers, attempt.endpoint, attempt.number, attempt.timeout, hedge
+        )
     try:
-        return await transport._send(
+        response = await transport._send(
             send.request,
             attempt.endpoint,
             send.target,
@@ -383,26 +497,41 @@ async def _send_async(
             send.tls,
         )
     except httpx.TransportError as exc:
+        if span is not None:
+            end_attempt(span, None, exc)
         return exc
+    except BaseException as exc:  # a hedge that lost is cancelled here
+        if span is not None:
+            end_attempt(span, None, exc)
+        raise
+    if span is not None:
+        end_attempt(span, response.status_code, None)
+    return response
 
 
 async def _race_async(
-    transport: AsyncMeshTransport, send: _Send, control: CallControl, attempt: Attempt
+    transport: AsyncMeshTransport,
+    send: _Send,
+    control: CallControl,
+    attempt: Attempt,
+    trace: ClientTrace | None,
 ) -> tuple[Attempt, Outcome]:
     """The async twin of _race_sync; the loser is cancelled."""
 
     delay = control.hedge_delay()
     if delay is None:
-        return attempt, await _send_async(transport, send, control, attempt)
+        return attempt, await _send_async(transport, send, control, attempt, trace)
 
     def send_one(one: Attempt) -> Awaitable[Outcome]:
-        return _send_async(transport, send, control, one)
+        return _send_async(transport, send, control, one, trace, one is not attempt)
 
     racers = {asyncio.ensure_future(send_one(attempt)): attempt}
     done, _ = await asyncio.wait(racers, timeout=delay)
     if not done:
         backup = control.hedge(attempt)
         if backup is not None:
+            if trace is not None:
+                trace.hedge(backup)
             racers[asyncio.ensure_future(send_one(backup))] = backup
     pending = set(racers)
     handled: set[asyncio.Future[Outcome]] = set()

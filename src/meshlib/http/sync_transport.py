@@ -17,12 +17,13 @@ import httpx
 from meshlib.endpoint import Endpoint
 from meshlib.http.errors import httpcore_errors
 from meshlib.http.plan import Plan, mirror_plan, plan_request
-from meshlib.http.resilient import run_sync
+from meshlib.http.resilient import run_sync, send_once_sync
 from meshlib.routing.decide import Decision, pick_endpoint
 from meshlib.routing.request import RequestView
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
 from meshlib.telemetry.tap import Tap
+from meshlib.telemetry.tracing import TRACING, UNSAMPLED, current_context, roll
 
 if TYPE_CHECKING:
     from meshlib.config.store import SnapshotStore
@@ -70,6 +71,7 @@ class MeshTransport(httpx.BaseTransport):
         stats: TrafficStats | None = None,
         observers: Observers | None = None,
     ) -> None:
+        TRACING.refresh()  # a provider installed since the last look is used at once
         self._caller = caller.encode("latin-1") if caller else None
         self._caller_name = caller
         self._stats = stats or TrafficStats()
@@ -111,10 +113,26 @@ class MeshTransport(httpx.BaseTransport):
             self._mirror.submit(self, plan, request)
         window = self._stats.outbound(decision.service.name, decision.route.name)
         started = perf_counter()
+        # tracing: while off, two attribute reads (see meshlib.telemetry.tracing); while
+        # on, an unsampled call without a parent costs a few more and two C calls
+        if started >= TRACING.check_at:
+            TRACING.refresh(started)
+        trace = None
+        if TRACING.on:
+            settings = self._store.config.telemetry.tracing
+            if settings.enabled:
+                parent = current_context()
+                if parent:
+                    trace = TRACING.start_client(
+                        plan, request, parent, settings.sample_ratio, self._caller_name
+                    )
+                elif roll() < settings.sample_ratio and not UNSAMPLED.get():
+                    # rolled already: a root that start_client must not roll for again
+                    trace = TRACING.start_client(plan, request, parent, 1.0, self._caller_name)
         try:
             if plan.resilient:
-                response = run_sync(self, request, plan)
-            else:
+                response = run_sync(self, request, plan, trace)
+            elif trace is None:
                 response = self._send(
                     request,
                     decision.endpoint,
@@ -124,14 +142,24 @@ class MeshTransport(httpx.BaseTransport):
                     None,
                     plan.tls,
                 )
+            else:
+                response = send_once_sync(self, request, plan, trace)
         except Exception as exc:
             elapsed = perf_counter() - started
             window.record(False, elapsed)
+            if trace is not None:
+                trace.finish(None, exc)
             if self._observers.tap.active or self._store.config.telemetry.access_log:
                 self._observe(decision, request, None, exc, elapsed)
             raise
+        except BaseException as exc:  # cancelled: the span still ends
+            if trace is not None:
+                trace.finish(None, exc)
+            raise
         elapsed = perf_counter() - started
         window.record(response.status_code < 500, elapsed)
+        if trace is not None:
+            trace.finish(response, None)
         if self._observers.tap.active or self._store.config.telemetry.access_log:
             self._observe(decision, request, response, None, elapsed)
         return response
