@@ -320,6 +320,9 @@ class TelemetryConfig(Strict):
     # authorization, proxy-authorization, cookie, set-cookie and x-api-key
     redact_headers: list[str] = Field(default_factory=list)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
+    # the golden-metric windows (mesh.stats(), the graph, /metrics) and the
+    # OpenTelemetry metrics (while a MeterProvider is installed); false: neither
+    metrics: bool = True
 
     @field_validator("redact_headers")
     @classmethod

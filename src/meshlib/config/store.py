@@ -23,6 +23,7 @@ from meshlib.endpoint import Endpoint
 from meshlib.errors import ConfigError, PolicyIssue
 from meshlib.resilience.state import StateTable
 from meshlib.snapshot import Snapshot
+from meshlib.telemetry.metrics import METRICS
 
 log = logging.getLogger("meshlib.config")
 
@@ -62,6 +63,7 @@ class SnapshotStore:
             self.config = config
             self.last_error = None
             self.last_error_at = None
+            METRICS.config_reload(self)
             log.info("policy version %d in force (%s)", self.current.version, self.source)
             return self.current
 
@@ -70,6 +72,7 @@ class SnapshotStore:
         with self._lock:
             self.last_error = error
             self.last_error_at = time.time()
+        METRICS.config_error(self)
         log.error("%s\nkeeping policy version %d in force", error, self.current.version)
 
     def rebuild(self) -> None:
@@ -160,6 +163,7 @@ class SnapshotStore:
         ]
         for key in [key for key in self._registries if key not in wanted]:
             self._registries.pop(key).close()  # a file registry the policy no longer names
+        METRICS.follow(snapshot)  # breaker transitions are counted
         return snapshot
 
     def registries(self) -> dict[str, Registry]:

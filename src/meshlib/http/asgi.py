@@ -25,6 +25,7 @@ from meshlib.resilience.deadline import INBOUND_DEADLINE
 from meshlib.security.inbound import InboundSecurity
 from meshlib.security.peer import INBOUND_AUTHORIZATION, cookies_of, peer_from_scope
 from meshlib.security.rbac import RequestFacts, authorize
+from meshlib.telemetry.metrics import METRICS, Attributes, ServerKey
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
 from meshlib.telemetry.tap import Tap
@@ -126,6 +127,8 @@ class MeshASGIMiddleware:
         self._stats = stats or TrafficStats()
         self._observers = observers or Observers(Tap(), lambda: store.config.telemetry)
         TRACING.refresh()  # a provider installed since the last look is used at once
+        METRICS.refresh()
+        self._metric_attributes: dict[ServerKey, Attributes] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -148,10 +151,13 @@ class MeshASGIMiddleware:
         # without a propagated context sets a context variable and nothing else
         if started >= TRACING.check_at:
             TRACING.refresh(started)
+        if started >= METRICS.check_at:
+            METRICS.refresh(started)
+        telemetry = self._store.config.telemetry
         server: ServerTrace | None = None
         unsampled = None
         if TRACING.on:
-            settings = self._store.config.telemetry.tracing
+            settings = telemetry.tracing
             if settings.enabled:
                 seen = headers.decoded()
                 if current_context() or not TRACING.fields.isdisjoint(seen):
@@ -173,13 +179,22 @@ class MeshASGIMiddleware:
             elapsed = time.perf_counter() - started
             policy = self._store.current.inbound.get(self.service)
             route = policy.rule_for(scope.get("path", "/")).name if policy is not None else "*"
-            self._stats.inbound(self.service, route).record(0 < status < 500, elapsed)
+            if telemetry.metrics:
+                self._stats.inbound(self.service, route).record(0 < status < 500, elapsed)
+                if METRICS.on:  # one record with a label set built once
+                    key = (route, status // 100)
+                    attributes = self._metric_attributes.get(key) or METRICS.server_attributes(
+                        self._metric_attributes, self.service, key
+                    )
+                    METRICS.server_duration.record(elapsed, attributes)
+                    if status == 429 and "rate_limited" in flags:
+                        METRICS.server_rate_limited(self.service, route)
             if server is not None:
                 server.finish(status, route, flags, error)
             elif unsampled is not None:
                 UNSAMPLED.reset(unsampled)
             observers = self._observers
-            if observers.tap.active or self._store.config.telemetry.access_log:
+            if observers.tap.active or telemetry.access_log:
                 scope.setdefault("extensions", {}).setdefault("mesh", {})["flags"] = flags
                 try:
                     observers.inbound(

@@ -20,12 +20,14 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from meshlib.endpoint import Endpoint
+from meshlib.errors import RateLimitedError
 from meshlib.http.aiohttp_errors import aiohttp_errors
 from meshlib.http.plan import Plan, mirror_plan, plan_request
 from meshlib.http.resilient import run_async, send_once_async
 from meshlib.http.sync_transport import mirror_body
 from meshlib.routing.decide import Decision, pick_endpoint
 from meshlib.routing.request import RequestView
+from meshlib.telemetry.metrics import METRICS, Attributes, ClientKey
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
 from meshlib.telemetry.tap import Tap
@@ -79,6 +81,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         self._caller_name = caller
         self._stats = stats or TrafficStats()
         self._observers = observers or Observers(Tap(), lambda: store.config.telemetry)
+        self._metric_attributes: dict[ClientKey, Attributes] = {}
+        METRICS.refresh()
+        METRICS.watch(store, caller)
         self._identity = identity
         self._store = store
         self._rng = rng or random.Random()
@@ -122,15 +127,22 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         decision = plan.decision
         if decision.mirror is not None:
             self._start_mirror(plan, request)
-        window = self._stats.outbound(decision.service.name, decision.route.name)
+        telemetry = self._store.config.telemetry
+        window = (
+            self._stats.outbound(decision.service.name, decision.route.name)
+            if telemetry.metrics
+            else None
+        )
         started = perf_counter()
         # tracing: while off, two attribute reads (see meshlib.telemetry.tracing); while
         # on, an unsampled call without a parent costs a few more and two C calls
         if started >= TRACING.check_at:
             TRACING.refresh(started)
+        if started >= METRICS.check_at:
+            METRICS.refresh(started)
         trace = None
         if TRACING.on:
-            settings = self._store.config.telemetry.tracing
+            settings = telemetry.tracing
             if settings.enabled:
                 parent = current_context()
                 if parent:
@@ -157,10 +169,13 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 response = await send_once_async(self, request, plan, trace)
         except Exception as exc:
             elapsed = perf_counter() - started
-            window.record(False, elapsed)
+            if window is not None:
+                window.record(False, elapsed)
+                if METRICS.on:
+                    self._record_error(decision, exc, elapsed)
             if trace is not None:
                 trace.finish(None, exc)
-            if self._observers.tap.active or self._store.config.telemetry.access_log:
+            if self._observers.tap.active or telemetry.access_log:
                 self._observe(decision, request, None, exc, elapsed)
             raise
         except BaseException as exc:  # cancelled: the span still ends
@@ -168,12 +183,40 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 trace.finish(None, exc)
             raise
         elapsed = perf_counter() - started
-        window.record(response.status_code < 500, elapsed)
+        if window is not None:
+            status = response.status_code
+            window.record(status < 500, elapsed)
+            if METRICS.on:  # one record with a label set built once
+                key = (
+                    decision.service.name,
+                    decision.route.name,
+                    decision.cluster.subset,
+                    status // 100,
+                )
+                attributes = self._metric_attributes.get(key) or METRICS.client_attributes(
+                    self._metric_attributes, self._caller_name, key
+                )
+                METRICS.client_duration.record(elapsed, attributes)
         if trace is not None:
             trace.finish(response, None)
-        if self._observers.tap.active or self._store.config.telemetry.access_log:
+        if self._observers.tap.active or telemetry.access_log:
             self._observe(decision, request, response, None, elapsed)
         return response
+
+    def _record_error(self, decision: Decision, error: Exception, seconds: float) -> None:
+        """The OpenTelemetry metrics of a call that got no response."""
+        try:
+            key = (decision.service.name, decision.route.name, decision.cluster.subset, 0)
+            attributes = self._metric_attributes.get(key) or METRICS.client_attributes(
+                self._metric_attributes, self._caller_name, key
+            )
+            METRICS.client_duration.record(seconds, attributes)
+            if isinstance(error, RateLimitedError):
+                METRICS.client_rate_limited(
+                    self._caller_name, decision.service.name, decision.route.name
+                )
+        except Exception:  # metrics must never change the call's outcome
+            log.exception("recording metrics failed")
 
     def _observe(
         self,

@@ -17,6 +17,7 @@ from meshlib.resilience.fastlane import Entry
 from meshlib.resilience.guard import ServiceGuard
 from meshlib.resilience.outcome import CONNECT_FAILURE, TIMEOUT, deadline_exceeded, error_kind
 from meshlib.resilience.policy import IDEMPOTENT_METHODS, RoutePolicy
+from meshlib.telemetry.metrics import METRICS
 
 Pick = Callable[[frozenset[str]], Endpoint]
 
@@ -185,6 +186,7 @@ class CallControl:
         if endpoint.address in avoid:
             return None  # a backup to the same endpoint only doubles its load
         self.hedged = True
+        METRICS.hedge(self.service, self.policy.name)
         return self._attempt(endpoint, attempt.number + 1, 0.0)
 
     def settle(self, attempt: Attempt, status: int | None, exc: BaseException | None) -> None:
@@ -280,6 +282,7 @@ class CallControl:
         budget = self.policy.budget
         if budget is not None and not budget.try_acquire_retry():
             return None
+        METRICS.retry(self.service, self.policy.name)
         return self._attempt(endpoint, attempt.number + 1, delay)
 
     def _usable(self, endpoint: Endpoint) -> Endpoint:

@@ -94,6 +94,7 @@ class Breaker:
     """
 
     __slots__ = (
+        "__weakref__",  # followed by the metrics without being kept alive
         "_callbacks",
         "_cb",
         "_clock",
@@ -362,6 +363,7 @@ class BreakerBoard:
     """
 
     __slots__ = (
+        "__weakref__",  # followed by the metrics without being kept alive
         "_breakers",
         "_callbacks",
         "_clock",

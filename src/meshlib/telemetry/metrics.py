@@ -1,0 +1,359 @@
+"""OpenTelemetry metrics of the calls through the mesh, written against the API only:
+the application installs the SDK (a MeterProvider and its readers or exporters).
+
+Instruments, on the meter ``meshlib``:
+
+- ``http.client.request.duration`` (histogram, s): each call made with a mesh client,
+  retries, hedges and backoff included (the latency the application sees);
+- ``http.server.request.duration`` (histogram, s): each request served by
+  ``mesh.asgi``, the mesh's own refusals included; the request counts are the
+  histograms' counts;
+- ``meshlib.requests.inflight`` (observable up-down counter): attempts on the wire
+  per destination;
+- ``meshlib.retries``, ``meshlib.hedges`` (counters): retries and hedged backups sent;
+- ``meshlib.retry_budget.exhausted`` (observable counter): retries and backups the
+  budgets refused;
+- ``meshlib.breaker.transitions`` (counter, ``mesh.to_state``, and ``mesh.breaker``:
+  ``endpoint`` for the per-endpoint breakers, ``cluster`` for the service's);
+- ``meshlib.outlier.ejections`` (observable counter): ejections enforced;
+- ``meshlib.rate_limited`` (counter, ``mesh.side``: ``client`` for a client-side
+  RateLimitedError, ``server`` for a 429 of the inbound rate limit);
+- ``meshlib.config.reloads``, ``meshlib.config.errors`` (counters): policies applied
+  and rejected after the first.
+
+Labels are bounded: ``mesh.source`` (the calling service), ``mesh.destination``,
+``mesh.route``, ``mesh.subset``, ``mesh.status_class`` (``2xx`` ... ``5xx``, or
+``error`` without a response); never a path or an endpoint address. The request
+path records one value with an attribute dict built once per label set.
+
+Off. While the API's global MeterProvider is the default proxy (no SDK), a no-op
+provider, or hands out no-op meters, metrics are off: `METRICS` keeps that verdict
+like `meshlib.telemetry.tracing.TRACING` does, and the request path reads
+``METRICS.check_at`` and ``METRICS.on`` and nothing more. ``telemetry.metrics:
+false`` in the policy turns these and the golden-metric windows off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+from opentelemetry import metrics
+from opentelemetry.metrics import (
+    CallbackOptions,
+    Counter,
+    Histogram,
+    Meter,
+    MeterProvider,
+    NoOpCounter,
+    NoOpHistogram,
+    NoOpMeter,
+    NoOpMeterProvider,
+    Observation,
+)
+
+if TYPE_CHECKING:
+    from meshlib.config.store import SnapshotStore
+    from meshlib.resilience.breaker import Breaker, BreakerBoard
+    from meshlib.snapshot import Snapshot
+
+log = logging.getLogger("meshlib.telemetry")
+
+RECHECK_SECONDS = 1.0
+SCHEMA_URL = "https://opentelemetry.io/schemas/1.26.0"
+
+SOURCE = "mesh.source"
+DESTINATION = "mesh.destination"
+ROUTE = "mesh.route"
+SUBSET = "mesh.subset"
+STATUS_CLASS = "mesh.status_class"
+TO_STATE = "mesh.to_state"
+BREAKER = "mesh.breaker"
+SIDE = "mesh.side"
+
+# explicit buckets for durations in seconds, as the HTTP semantic conventions advise
+DURATION_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+_CACHE_LIMIT = 4096
+"""Label sets kept per cache; a policy names finitely many, so this only guards
+against a caller that keeps changing it."""
+
+ClientKey = tuple[str, str, "str | None", int]
+"""(destination, route, subset, status // 100; 0 for no response)."""
+ServerKey = tuple[str, int]
+"""(route, status // 100; 0 for no response)."""
+Attributes = dict[str, str]
+
+
+def status_class(hundreds: int) -> str:
+    return f"{hundreds}xx" if hundreds > 0 else "error"
+
+
+class Metrics:
+    """Whether a real MeterProvider is installed, and the instruments made with it.
+
+    The request path reads `check_at` and `on`, then records on `client_duration` or
+    `server_duration` with an attribute dict from the caller's cache; the rest runs
+    on slow paths (retries, errors, breaker transitions, reloads) or in the
+    observable callbacks when the SDK collects.
+    """
+
+    def __init__(self, provider: Callable[[], MeterProvider] = metrics.get_meter_provider) -> None:
+        self._provider = provider
+        self._lock = threading.Lock()
+        self._stores: weakref.WeakKeyDictionary[SnapshotStore, str] = weakref.WeakKeyDictionary()
+        self._boards: weakref.WeakSet[BreakerBoard | Breaker] = weakref.WeakSet()
+        self._meter: Meter | None = None
+        self.on = False
+        self.check_at = -math.inf
+        self.client_duration: Histogram = NoOpHistogram("none")
+        self.server_duration: Histogram = NoOpHistogram("none")
+        self.retries: Counter = NoOpCounter("none")
+        self.hedges: Counter = NoOpCounter("none")
+        self.breaker_transitions: Counter = NoOpCounter("none")
+        self.rate_limited: Counter = NoOpCounter("none")
+        self.config_reloads: Counter = NoOpCounter("none")
+        self.config_errors: Counter = NoOpCounter("none")
+
+    def refresh(self, now: float | None = None) -> None:
+        """Look up the provider again; instruments are made once per meter."""
+        from meshlib import __version__  # at call time: meshlib imports this module
+
+        meter = None
+        try:
+            provider = self._provider()
+            if not isinstance(provider, NoOpMeterProvider) and type(provider).__name__ != (
+                "_ProxyMeterProvider"
+            ):
+                found = provider.get_meter("meshlib", __version__, SCHEMA_URL)
+                if not isinstance(found, NoOpMeter) and type(found).__name__ != "_ProxyMeter":
+                    meter = found
+            if meter is not None and meter is not self._meter:
+                self._instruments(meter)
+        except Exception:  # a broken provider means no metrics, never a failed request
+            log.exception("metrics disabled: the meter provider failed")
+            meter = None
+        self._meter = meter
+        self.on = meter is not None
+        self.check_at = (perf_counter() if now is None else now) + RECHECK_SECONDS
+
+    def _instruments(self, meter: Meter) -> None:
+        self.client_duration = meter.create_histogram(
+            "http.client.request.duration",
+            "s",
+            "Duration of calls made with mesh clients, retries and hedges included.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self.server_duration = meter.create_histogram(
+            "http.server.request.duration",
+            "s",
+            "Duration of requests served through mesh.asgi.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self.retries = meter.create_counter(
+            "meshlib.retries", "{retry}", "Retries sent by the attempt loop."
+        )
+        self.hedges = meter.create_counter(
+            "meshlib.hedges", "{hedge}", "Hedged backup attempts sent."
+        )
+        self.breaker_transitions = meter.create_counter(
+            "meshlib.breaker.transitions", "{transition}", "Circuit breaker state changes."
+        )
+        self.rate_limited = meter.create_counter(
+            "meshlib.rate_limited", "{request}", "Requests refused by a rate limit."
+        )
+        self.config_reloads = meter.create_counter(
+            "meshlib.config.reloads", "{reload}", "Policies applied after the first."
+        )
+        self.config_errors = meter.create_counter(
+            "meshlib.config.errors", "{error}", "Policy edits rejected."
+        )
+        meter.create_observable_up_down_counter(
+            "meshlib.requests.inflight",
+            [self._observe_inflight],
+            "{request}",
+            "Attempts on the wire, per destination.",
+        )
+        meter.create_observable_counter(
+            "meshlib.retry_budget.exhausted",
+            [self._observe_budgets],
+            "{retry}",
+            "Retries and backups refused by the retry and hedging budgets.",
+        )
+        meter.create_observable_counter(
+            "meshlib.outlier.ejections",
+            [self._observe_ejections],
+            "{ejection}",
+            "Endpoints ejected by outlier detection.",
+        )
+
+    # -- attribute caches (slow path: once per label set) ---------------------------
+
+    def client_attributes(
+        self, cache: dict[ClientKey, Attributes], source: str | None, key: ClientKey
+    ) -> Attributes:
+        destination, route, subset, hundreds = key
+        attributes = {
+            SOURCE: source or "",
+            DESTINATION: destination,
+            ROUTE: route,
+            SUBSET: subset or "",
+            STATUS_CLASS: status_class(hundreds),
+        }
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        cache[key] = attributes
+        return attributes
+
+    def server_attributes(
+        self, cache: dict[ServerKey, Attributes], service: str, key: ServerKey
+    ) -> Attributes:
+        route, hundreds = key
+        attributes = {DESTINATION: service, ROUTE: route, STATUS_CLASS: status_class(hundreds)}
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        cache[key] = attributes
+        return attributes
+
+    # -- slow paths -------------------------------------------------------------------
+
+    def _safely(self, counter: Counter, attributes: Attributes) -> None:
+        if self.check_at <= perf_counter():
+            self.refresh()
+        if not self.on:
+            return
+        try:
+            counter.add(1, attributes)
+        except Exception:  # metrics must never break a call
+            log.exception("recording a metric failed")
+
+    def retry(self, destination: str, route: str) -> None:
+        self._safely(self.retries, {DESTINATION: destination, ROUTE: route})
+
+    def hedge(self, destination: str, route: str) -> None:
+        self._safely(self.hedges, {DESTINATION: destination, ROUTE: route})
+
+    def client_rate_limited(self, source: str | None, destination: str, route: str) -> None:
+        self._safely(
+            self.rate_limited,
+            {SOURCE: source or "", DESTINATION: destination, ROUTE: route, SIDE: "client"},
+        )
+
+    def server_rate_limited(self, service: str, route: str) -> None:
+        self._safely(self.rate_limited, {DESTINATION: service, ROUTE: route, SIDE: "server"})
+
+    def config_reload(self, store: SnapshotStore) -> None:
+        self._safely(self.config_reloads, {SOURCE: self._stores.get(store, "")})
+
+    def config_error(self, store: SnapshotStore) -> None:
+        self._safely(self.config_errors, {SOURCE: self._stores.get(store, "")})
+
+    # -- what the observable instruments read ------------------------------------------
+
+    def watch(self, store: SnapshotStore, source: str | None) -> None:
+        """Report the endpoints, budgets and detectors of ``store``'s snapshots (a
+        client was made with it), and count its breakers' transitions."""
+        with self._lock:
+            self._stores[store] = source or ""
+        self.follow(store.current)
+
+    def follow(self, snapshot: Snapshot) -> None:
+        """Subscribe to the breakers of ``snapshot`` (each board once)."""
+        for cluster in snapshot.clusters.values():
+            guard = cluster.guard
+            if guard is None:
+                continue
+            destination = cluster.service
+            for scope, board in (("endpoint", guard.breakers), ("cluster", guard.cluster_breaker)):
+                if board is None or board in self._boards:
+                    continue
+                with self._lock:
+                    if board in self._boards:
+                        continue
+                    self._boards.add(board)
+                board.on_change(self._transition_callback(destination, scope))
+
+    def _transition_callback(self, destination: str, scope: str) -> Callable[[str, str, str], None]:
+        def changed(_name: str, _old: str, new: str) -> None:
+            attributes = {DESTINATION: destination, BREAKER: scope, TO_STATE: new}
+            self._safely(self.breaker_transitions, attributes)
+
+        return changed
+
+    def _snapshots(self) -> list[tuple[str, Snapshot]]:
+        with self._lock:
+            return [(source, store.current) for store, source in list(self._stores.items())]
+
+    def _observe_inflight(self, _options: CallbackOptions) -> Iterable[Observation]:
+        out = []
+        for source, snapshot in self._snapshots():
+            counted: dict[str, dict[int, int]] = {}
+            for cluster in snapshot.clusters.values():
+                seen = counted.setdefault(cluster.service, {})
+                for endpoint in cluster.endpoints:
+                    seen[id(endpoint)] = endpoint.load.inflight
+            for destination, loads in counted.items():
+                attributes = {SOURCE: source, DESTINATION: destination}
+                out.append(Observation(sum(loads.values()), attributes))
+        return out
+
+    def _observe_budgets(self, _options: CallbackOptions) -> Iterable[Observation]:
+        out = []
+        for source, snapshot in self._snapshots():
+            for name, service in snapshot.services.items():
+                for route in service.routes:
+                    policy = route.action.policy
+                    if policy is None:
+                        continue
+                    exhausted = 0
+                    if policy.budget is not None:
+                        exhausted += policy.budget.exhausted
+                    if policy.hedge is not None:
+                        exhausted += policy.hedge.budget.exhausted
+                    if policy.budget is not None or policy.hedge is not None:
+                        attributes = {SOURCE: source, DESTINATION: name, ROUTE: route.name}
+                        out.append(Observation(exhausted, attributes))
+        return out
+
+    def _observe_ejections(self, _options: CallbackOptions) -> Iterable[Observation]:
+        out = []
+        for source, snapshot in self._snapshots():
+            detectors = {}
+            for cluster in snapshot.clusters.values():
+                guard = cluster.guard
+                if guard is not None and guard.outlier is not None:
+                    detectors[cluster.service] = guard.outlier
+            for destination, detector in detectors.items():
+                enforced = sum(
+                    count for kind, count in detector.stats.items() if kind.startswith("enforced_")
+                )
+                attributes = {SOURCE: source, DESTINATION: destination}
+                out.append(Observation(enforced, attributes))
+        return out
+
+
+METRICS = Metrics()
+"""The process's metrics state, shared by every mesh (the provider is global)."""
