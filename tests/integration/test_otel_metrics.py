@@ -235,3 +235,22 @@ def test_nothing_without_a_provider(served: tuple[EchoApp, str]) -> None:
             mesh.update({"services": {"users": {"endpoints": [{"address": "no port"}]}}})
         assert mesh.stats()["outbound"]["echo"]["total"]["requests"] == 7
     assert [reply.status for reply in replies] == [200] * 7
+
+
+def test_a_failing_metrics_sdk_never_costs_a_response(
+    reader: InMemoryMetricReader,
+    served: tuple[EchoApp, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, address = served
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("exporter bug")
+
+    monkeypatch.setattr(METRICS.client_duration, "record", broken)
+    monkeypatch.setattr(METRICS.server_duration, "record", broken)
+    with Mesh(client_policy(address), service="checkout", rng=random.Random(1)) as mesh:
+        replies = Driver("sync").get(mesh, "http://echo/x", 3)
+    assert [reply.status for reply in replies] == [200] * 3
+    assert "recording the request's metrics failed" in caplog.text

@@ -183,12 +183,15 @@ class MeshASGIMiddleware:
                 self._stats.inbound(self.service, route).record(0 < status < 500, elapsed)
                 if METRICS.on:  # one record with a label set built once
                     key = (route, status // 100)
-                    attributes = self._metric_attributes.get(key) or METRICS.server_attributes(
-                        self._metric_attributes, self.service, key
-                    )
-                    METRICS.server_duration.record(elapsed, attributes)
-                    if status == 429 and "rate_limited" in flags:
-                        METRICS.server_rate_limited(self.service, route)
+                    try:
+                        attributes = self._metric_attributes.get(key) or METRICS.server_attributes(
+                            self._metric_attributes, self.service, key
+                        )
+                        METRICS.server_duration.record(elapsed, attributes)
+                        if status == 429 and "rate_limited" in flags:
+                            METRICS.server_rate_limited(self.service, route)
+                    except Exception:  # a metrics SDK must never break the request
+                        log.exception("recording the request's metrics failed")
             if server is not None:
                 server.finish(status, route, flags, error)
             elif unsampled is not None:

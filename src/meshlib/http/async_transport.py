@@ -193,10 +193,13 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                     decision.cluster.subset,
                     status // 100,
                 )
-                attributes = self._metric_attributes.get(key) or METRICS.client_attributes(
-                    self._metric_attributes, self._caller_name, key
-                )
-                METRICS.client_duration.record(elapsed, attributes)
+                try:
+                    attributes = self._metric_attributes.get(key) or METRICS.client_attributes(
+                        self._metric_attributes, self._caller_name, key
+                    )
+                    METRICS.client_duration.record(elapsed, attributes)
+                except Exception:  # a metrics SDK must never cost the caller its response
+                    log.exception("recording the request's metrics failed")
         if trace is not None:
             trace.finish(response, None)
         if self._observers.tap.active or telemetry.access_log:
