@@ -94,6 +94,14 @@ async def _respond(send: Send, status: int, text: str, headers: list[tuple[bytes
     await send({"type": "http.response.body", "body": body})
 
 
+def _attempt_number(value: str | None) -> int:
+    """The caller's attempt number: mesh clients send x-mesh-attempt from the second
+    attempt on, so a missing (or malformed) header means the first."""
+    if value is None or not value.isdigit():
+        return 1
+    return max(1, int(value))
+
+
 class _Refusal:
     __slots__ = ("headers", "status", "text")
 
@@ -265,6 +273,7 @@ class MeshASGIMiddleware:
         extensions["mesh"] = {
             "service": self.service,
             "deadline": deadline,
+            "attempt": _attempt_number(headers.get(ATTEMPT_HEADER.decode())),
             "peer": peer,
             "principal": principal,
             "flags": flags,
