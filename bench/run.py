@@ -675,6 +675,8 @@ class _NoIOTransport:
     """Stands in for MeshTransport in ``run_sync``: every send returns one canned 200,
     so that the timing is the attempt loop and CallControl alone."""
 
+    _caller_name = None
+
     def __init__(self, rng: random.Random, response: httpx.Response) -> None:
         self._rng = rng
         self._response = response

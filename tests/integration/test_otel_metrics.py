@@ -113,7 +113,14 @@ def test_durations_retries_and_bounded_labels(
 
     retries = points(reader, "meshlib.retries")
     assert sum(point.value for point in retries) == 2
-    assert {point.attributes["mesh.destination"] for point in retries} == {"echo"}
+    assert [dict(point.attributes) for point in retries] == [
+        {
+            "mesh.source": "checkout",
+            "mesh.destination": "echo",
+            "mesh.route": "default",
+            "mesh.subset": "",
+        }
+    ]
     assert points(reader, "meshlib.hedges") == []
 
     inflight = points(reader, "meshlib.requests.inflight")

@@ -24,6 +24,8 @@ from meshlib.resilience.outlier import _Host
 class Upstream:
     """Stands in for MeshTransport: answers the statuses of a script, one per attempt."""
 
+    _caller_name = None  # this process's service, as the real transports have it
+
     def __init__(self, statuses: list[int]) -> None:
         self._rng = random.Random(7)
         self._statuses = statuses

@@ -31,6 +31,7 @@ from meshlib.resilience.limits import Bulkhead
 from meshlib.resilience.policy import NO_POLICY
 from meshlib.routing.decide import pick_another
 from meshlib.routing.request import RequestView
+from meshlib.telemetry.metrics import METRICS
 from meshlib.telemetry.tracing import end_attempt
 
 if TYPE_CHECKING:
@@ -129,6 +130,20 @@ _ATTEMPT_VALUES = [b"%d" % number for number in range(12)]
 def _fault(control: CallControl, request: httpx.Request, rng: random.Random) -> Fault | None:
     faults = control.policy.faults
     return None if faults is None else decide_fault(faults, request.headers, rng)
+
+
+def _report_resent(
+    transport: MeshTransport | AsyncMeshTransport, plan: Plan, control: CallControl
+) -> None:
+    decision = plan.decision
+    METRICS.resent(
+        transport._caller_name,
+        decision.service.name,
+        decision.route.name,
+        decision.cluster.subset,
+        control.retries,
+        control.hedges,
+    )
 
 
 def _line(control: CallControl) -> tuple[Bulkhead, float]:
@@ -262,6 +277,8 @@ def _loop_sync(
             attempt, outcome = following, None
     finally:
         control.finish()
+        if control.retries or control.hedges:
+            _report_resent(transport, plan, control)
 
 
 async def run_async(
@@ -376,6 +393,8 @@ async def _loop_async(
             attempt, outcome = following, None
     finally:
         control.finish()
+        if control.retries or control.hedges:
+            _report_resent(transport, plan, control)
 
 
 Outcome = httpx.Response | httpx.TransportError

@@ -17,7 +17,6 @@ from meshlib.resilience.fastlane import Entry
 from meshlib.resilience.guard import ServiceGuard
 from meshlib.resilience.outcome import CONNECT_FAILURE, TIMEOUT, deadline_exceeded, error_kind
 from meshlib.resilience.policy import IDEMPOTENT_METHODS, RoutePolicy
-from meshlib.telemetry.metrics import METRICS
 
 Pick = Callable[[frozenset[str]], Endpoint]
 
@@ -51,10 +50,12 @@ class CallControl:
         "deadline_source",
         "guard",
         "hedged",
+        "hedges",
         "holds_slot",
         "method",
         "policy",
         "replayable",
+        "retries",
         "service",
         "timed",
     )
@@ -83,6 +84,9 @@ class CallControl:
         self._holds_retry_slot = False
         self.hedged = False
         """Whether a backup attempt was sent."""
+        self.retries = 0
+        self.hedges = 0
+        """Retries and backups this call sent (the driver reports them as metrics)."""
         hedge = policy.hedge
         self.timed = hedge is not None and hedge.latencies is not None
         """Whether attempts must be timed (``started``) for the hedging percentile."""
@@ -186,7 +190,7 @@ class CallControl:
         if endpoint.address in avoid:
             return None  # a backup to the same endpoint only doubles its load
         self.hedged = True
-        METRICS.hedge(self.service, self.policy.name)
+        self.hedges += 1
         return self._attempt(endpoint, attempt.number + 1, 0.0)
 
     def settle(self, attempt: Attempt, status: int | None, exc: BaseException | None) -> None:
@@ -282,7 +286,7 @@ class CallControl:
         budget = self.policy.budget
         if budget is not None and not budget.try_acquire_retry():
             return None
-        METRICS.retry(self.service, self.policy.name)
+        self.retries += 1
         return self._attempt(endpoint, attempt.number + 1, delay)
 
     def _usable(self, endpoint: Endpoint) -> Endpoint:

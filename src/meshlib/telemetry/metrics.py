@@ -240,21 +240,36 @@ class Metrics:
 
     # -- slow paths -------------------------------------------------------------------
 
-    def _safely(self, counter: Counter, attributes: Attributes) -> None:
+    def _safely(self, counter: Counter, attributes: Attributes, amount: int = 1) -> None:
         if self.check_at <= perf_counter():
             self.refresh()
         if not self.on:
             return
         try:
-            counter.add(1, attributes)
+            counter.add(amount, attributes)
         except Exception:  # metrics must never break a call
             log.exception("recording a metric failed")
 
-    def retry(self, destination: str, route: str) -> None:
-        self._safely(self.retries, {DESTINATION: destination, ROUTE: route})
-
-    def hedge(self, destination: str, route: str) -> None:
-        self._safely(self.hedges, {DESTINATION: destination, ROUTE: route})
+    def resent(
+        self,
+        source: str | None,
+        destination: str,
+        route: str,
+        subset: str | None,
+        retries: int,
+        hedges: int,
+    ) -> None:
+        """The retries and backups one call sent (reported once, when it ends)."""
+        attributes = {
+            SOURCE: source or "",
+            DESTINATION: destination,
+            ROUTE: route,
+            SUBSET: subset or "",
+        }
+        if retries:
+            self._safely(self.retries, attributes, retries)
+        if hedges:
+            self._safely(self.hedges, attributes, hedges)
 
     def client_rate_limited(self, source: str | None, destination: str, route: str) -> None:
         self._safely(
