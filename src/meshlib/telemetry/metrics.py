@@ -39,7 +39,7 @@ import logging
 import math
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -125,6 +125,8 @@ class Metrics:
         self._provider = provider
         self._lock = threading.Lock()
         self._stores: weakref.WeakKeyDictionary[SnapshotStore, str] = weakref.WeakKeyDictionary()
+        # per observable counter key: (ids of the counting objects, last value, carried)
+        self._carried: dict[tuple[str, ...], tuple[tuple[int, ...], int, int]] = {}
         self._boards: weakref.WeakSet[BreakerBoard | Breaker] = weakref.WeakSet()
         self._meter: Meter | None = None
         self.on = False
@@ -343,14 +345,15 @@ class Metrics:
                     policy = route.action.policy
                     if policy is None:
                         continue
-                    exhausted = 0
-                    if policy.budget is not None:
-                        exhausted += policy.budget.exhausted
-                    if policy.hedge is not None:
-                        exhausted += policy.hedge.budget.exhausted
-                    if policy.budget is not None or policy.hedge is not None:
+                    budgets = [
+                        b for b in (policy.budget, policy.hedge and policy.hedge.budget) if b
+                    ]
+                    if budgets:
+                        exhausted = sum(budget.exhausted for budget in budgets)
+                        key = ("budget", source, name, route.name)
+                        total = self._cumulative(key, budgets, exhausted)
                         attributes = {SOURCE: source, DESTINATION: name, ROUTE: route.name}
-                        out.append(Observation(exhausted, attributes))
+                        out.append(Observation(total, attributes))
         return out
 
     def _observe_ejections(self, _options: CallbackOptions) -> Iterable[Observation]:
@@ -365,9 +368,22 @@ class Metrics:
                 enforced = sum(
                     count for kind, count in detector.stats.items() if kind.startswith("enforced_")
                 )
+                total = self._cumulative(("ejections", source, destination), [detector], enforced)
                 attributes = {SOURCE: source, DESTINATION: destination}
-                out.append(Observation(enforced, attributes))
+                out.append(Observation(total, attributes))
         return out
+
+    def _cumulative(self, key: tuple[str, ...], owners: Sequence[object], value: int) -> int:
+        """Keep an observable counter from going down when a policy change replaces the
+        objects that count (a new budget or detector starts from zero): the last value
+        of the replaced ones is carried over."""
+        identity = tuple(id(owner) for owner in owners)
+        with self._lock:
+            owners_before, last, carried = self._carried.get(key, (identity, 0, 0))
+            if owners_before != identity:
+                carried += last
+            self._carried[key] = (identity, value, carried)
+        return carried + value
 
 
 METRICS = Metrics()
