@@ -8,24 +8,23 @@ import ssl
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from time import perf_counter
 from typing import TYPE_CHECKING
 
 import httpcore
 import httpx
 
 from meshlib.endpoint import Endpoint
-from meshlib.errors import RateLimitedError
 from meshlib.http.errors import httpcore_errors
 from meshlib.http.plan import Plan, mirror_plan, plan_request
 from meshlib.http.resilient import run_sync, send_once_sync
-from meshlib.routing.decide import Decision, pick_endpoint
+from meshlib.routing.decide import pick_endpoint
 from meshlib.routing.request import RequestView
-from meshlib.telemetry.metrics import METRICS, Attributes, ClientKey
+from meshlib.telemetry.client_call import ClientTelemetry
+from meshlib.telemetry.metrics import METRICS
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
 from meshlib.telemetry.tap import Tap
-from meshlib.telemetry.tracing import TRACING, UNSAMPLED, current_context, roll
+from meshlib.telemetry.tracing import TRACING
 
 if TYPE_CHECKING:
     from meshlib.config.store import SnapshotStore
@@ -76,9 +75,12 @@ class MeshTransport(httpx.BaseTransport):
         TRACING.refresh()  # a provider installed since the last look is used at once
         self._caller = caller.encode("latin-1") if caller else None
         self._caller_name = caller
-        self._stats = stats or TrafficStats()
-        self._observers = observers or Observers(Tap(), lambda: store.config.telemetry)
-        self._metric_attributes: dict[ClientKey, Attributes] = {}
+        self._telemetry = ClientTelemetry(
+            store,
+            stats or TrafficStats(),
+            observers or Observers(Tap(), lambda: store.config.telemetry),
+            caller,
+        )
         METRICS.refresh()
         METRICS.watch(store, caller)
         limits = limits or httpx.Limits(max_connections=200, max_keepalive_connections=50)
@@ -116,31 +118,8 @@ class MeshTransport(httpx.BaseTransport):
         decision = plan.decision
         if decision.mirror is not None:
             self._mirror.submit(self, plan, request)
-        telemetry = self._store.config.telemetry
-        window = (
-            self._stats.outbound(decision.service.name, decision.route.name)
-            if telemetry.metrics
-            else None
-        )
-        started = perf_counter()
-        # tracing: while off, two attribute reads (see meshlib.telemetry.tracing); while
-        # on, an unsampled call without a parent costs a few more and two C calls
-        if started >= TRACING.check_at:
-            TRACING.refresh(started)
-        if started >= METRICS.check_at:
-            METRICS.refresh(started)
-        trace = None
-        if TRACING.on:
-            settings = telemetry.tracing
-            if settings.enabled:
-                parent = current_context()
-                if parent:
-                    trace = TRACING.start_client(
-                        plan, request, parent, settings.sample_ratio, self._caller_name
-                    )
-                elif roll() < settings.sample_ratio and not UNSAMPLED.get():
-                    # rolled already: a root that start_client must not roll for again
-                    trace = TRACING.start_client(plan, request, parent, 1.0, self._caller_name)
+        call = self._telemetry.begin(plan, request)
+        trace = call[3]
         try:
             if plan.resilient:
                 response = run_sync(self, request, plan, trace)
@@ -157,80 +136,14 @@ class MeshTransport(httpx.BaseTransport):
             else:
                 response = send_once_sync(self, request, plan, trace)
         except Exception as exc:
-            elapsed = perf_counter() - started
-            if window is not None:
-                window.record(False, elapsed)
-                if METRICS.on:
-                    self._record_error(decision, exc, elapsed)
-            if trace is not None:
-                trace.finish(None, exc)
-            if self._observers.tap.active or telemetry.access_log:
-                self._observe(decision, request, None, exc, elapsed)
+            self._telemetry.failed(call, decision, request, exc)
             raise
         except BaseException as exc:  # cancelled: the span still ends
             if trace is not None:
                 trace.finish(None, exc)
             raise
-        elapsed = perf_counter() - started
-        if window is not None:
-            status = response.status_code
-            window.record(status < 500, elapsed)
-            if METRICS.on:  # one record with a label set built once
-                key = (
-                    decision.service.name,
-                    decision.route.name,
-                    decision.cluster.subset,
-                    status // 100,
-                )
-                try:
-                    attributes = self._metric_attributes.get(key) or METRICS.client_attributes(
-                        self._metric_attributes, self._caller_name, key
-                    )
-                    METRICS.client_duration.record(elapsed, attributes)
-                except Exception:  # a metrics SDK must never cost the caller its response
-                    log.exception("recording the request's metrics failed")
-        if trace is not None:
-            trace.finish(response, None)
-        if self._observers.tap.active or telemetry.access_log:
-            self._observe(decision, request, response, None, elapsed)
+        self._telemetry.succeeded(call, decision, request, response)
         return response
-
-    def _record_error(self, decision: Decision, error: Exception, seconds: float) -> None:
-        """The OpenTelemetry metrics of a call that got no response."""
-        try:
-            key = (decision.service.name, decision.route.name, decision.cluster.subset, 0)
-            attributes = self._metric_attributes.get(key) or METRICS.client_attributes(
-                self._metric_attributes, self._caller_name, key
-            )
-            METRICS.client_duration.record(seconds, attributes)
-            if isinstance(error, RateLimitedError):
-                METRICS.client_rate_limited(
-                    self._caller_name, decision.service.name, decision.route.name
-                )
-        except Exception:  # metrics must never change the call's outcome
-            log.exception("recording metrics failed")
-
-    def _observe(
-        self,
-        decision: Decision,
-        request: httpx.Request,
-        response: httpx.Response | None,
-        error: BaseException | None,
-        seconds: float,
-    ) -> None:
-        try:
-            self._observers.outbound(
-                self._caller_name,
-                decision.service.name,
-                decision.route.name,
-                decision.endpoint.address,
-                request,
-                response,
-                error,
-                seconds,
-            )
-        except Exception:  # observing must never break the call
-            log.exception("tap or access log failed")
 
     def _send(
         self,

@@ -132,7 +132,7 @@ class _TLSInfo:
 def _cipher_suite(context: ssl.SSLContext, name: str) -> int | None:
     if name not in _cipher_ids:
         for cipher in context.get_ciphers():
-            # OpenSSL's id is 0x0300XXXX with the IANA number in the low 16 bits
+            # OpenSSL's id is 0x0300 followed by the IANA number, which is the low 16 bits
             _cipher_ids[cipher["name"]] = cipher["id"] & 0xFFFF
     return _cipher_ids.get(name)
 
@@ -360,6 +360,7 @@ class _TLSTransport(asyncio.Transport):
         return False
 
     def write_eof(self) -> None:
+        # asyncio's Transport contract: can_write_eof() is False, so this refuses
         raise NotImplementedError("TLS has no half-close")
 
     def get_write_buffer_size(self) -> int:

@@ -1,0 +1,162 @@
+"""What both mesh transports record about each call: the golden-metrics window,
+OpenTelemetry metrics and spans, and the tap and access log. One copy for the sync
+and the async client, so they cannot drift apart.
+
+While tracing and metrics are off and nobody listens, a call costs ``begin`` and
+``succeeded`` (or ``failed``): a window update and a few attribute reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from meshlib.errors import RateLimitedError
+from meshlib.telemetry.metrics import METRICS, Attributes, ClientKey
+from meshlib.telemetry.observe import Observers
+from meshlib.telemetry.stats import TrafficStats
+from meshlib.telemetry.tracing import TRACING, UNSAMPLED, ClientTrace, current_context, roll
+from meshlib.telemetry.window import Window
+
+if TYPE_CHECKING:
+    from meshlib.config.store import SnapshotStore
+    from meshlib.http.plan import Plan
+    from meshlib.routing.decide import Decision
+
+log = logging.getLogger("meshlib.http")
+
+Call = tuple[Any, "Window | None", float, "ClientTrace | None"]
+"""``begin``'s answer: the telemetry settings in force, the window, the start time
+(perf_counter) and the trace (None: not traced)."""
+
+
+class ClientTelemetry:
+    """The per-call telemetry of one transport (``caller``: this process's service)."""
+
+    __slots__ = ("_attributes", "_caller", "_observers", "_stats", "_store")
+
+    def __init__(
+        self,
+        store: SnapshotStore,
+        stats: TrafficStats,
+        observers: Observers,
+        caller: str | None,
+    ) -> None:
+        self._store = store
+        self._stats = stats
+        self._observers = observers
+        self._caller = caller
+        # OpenTelemetry label sets, built once per key and reused
+        self._attributes: dict[ClientKey, Attributes] = {}
+
+    def begin(self, plan: Plan, request: httpx.Request) -> Call:
+        """Before the call: its window, its start time, and its trace if sampled."""
+        telemetry = self._store.config.telemetry
+        decision = plan.decision
+        window = (
+            self._stats.outbound(decision.service.name, decision.route.name)
+            if telemetry.metrics
+            else None
+        )
+        started = perf_counter()
+        # tracing: while off, two attribute reads (see meshlib.telemetry.tracing); while
+        # on, an unsampled call without a parent costs a few more and two C calls
+        if started >= TRACING.check_at:
+            TRACING.refresh(started)
+        if started >= METRICS.check_at:
+            METRICS.refresh(started)
+        trace = None
+        if TRACING.on:
+            settings = telemetry.tracing
+            if settings.enabled:
+                parent = current_context()
+                if parent:
+                    trace = TRACING.start_client(
+                        plan, request, parent, settings.sample_ratio, self._caller
+                    )
+                elif roll() < settings.sample_ratio and not UNSAMPLED.get():
+                    # rolled already: a root that start_client must not roll for again
+                    trace = TRACING.start_client(plan, request, parent, 1.0, self._caller)
+        return telemetry, window, started, trace
+
+    def succeeded(
+        self, call: Call, decision: Decision, request: httpx.Request, response: httpx.Response
+    ) -> None:
+        """The call answered ``response``."""
+        telemetry, window, started, trace = call
+        elapsed = perf_counter() - started
+        if window is not None:
+            status = response.status_code
+            window.record(status < 500, elapsed)
+            if METRICS.on:  # one record with a label set built once
+                key = (
+                    decision.service.name,
+                    decision.route.name,
+                    decision.cluster.subset,
+                    status // 100,
+                )
+                try:
+                    attributes = self._attributes.get(key) or METRICS.client_attributes(
+                        self._attributes, self._caller, key
+                    )
+                    METRICS.client_duration.record(elapsed, attributes)
+                except Exception:  # a metrics SDK must never cost the caller its response
+                    log.exception("recording the request's metrics failed")
+        if trace is not None:
+            trace.finish(response, None)
+        if self._observers.tap.active or telemetry.access_log:
+            self._observe(decision, request, response, None, elapsed)
+
+    def failed(
+        self, call: Call, decision: Decision, request: httpx.Request, error: Exception
+    ) -> None:
+        """The call raised ``error`` (no response)."""
+        telemetry, window, started, trace = call
+        elapsed = perf_counter() - started
+        if window is not None:
+            window.record(False, elapsed)
+            if METRICS.on:
+                self._record_error(decision, error, elapsed)
+        if trace is not None:
+            trace.finish(None, error)
+        if self._observers.tap.active or telemetry.access_log:
+            self._observe(decision, request, None, error, elapsed)
+
+    def _record_error(self, decision: Decision, error: Exception, seconds: float) -> None:
+        try:
+            key = (decision.service.name, decision.route.name, decision.cluster.subset, 0)
+            attributes = self._attributes.get(key) or METRICS.client_attributes(
+                self._attributes, self._caller, key
+            )
+            METRICS.client_duration.record(seconds, attributes)
+            if isinstance(error, RateLimitedError):
+                METRICS.client_rate_limited(
+                    self._caller, decision.service.name, decision.route.name
+                )
+        except Exception:  # metrics must never change the call's outcome
+            log.exception("recording metrics failed")
+
+    def _observe(
+        self,
+        decision: Decision,
+        request: httpx.Request,
+        response: httpx.Response | None,
+        error: BaseException | None,
+        seconds: float,
+    ) -> None:
+        try:
+            self._observers.outbound(
+                self._caller,
+                decision.service.name,
+                decision.route.name,
+                decision.endpoint.address,
+                request,
+                response,
+                error,
+                seconds,
+            )
+        except Exception:  # observing must never break the call
+            log.exception("tap or access log failed")
