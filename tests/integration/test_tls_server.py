@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshlib.tls.server import MODES, MeshServer, RunningServer, start_in_thread
+from meshlib.tls.server import MODES, MeshServer, RunningServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -316,9 +316,9 @@ def start() -> Iterator[StartServer]:
                 )
             )
         else:
-            server = start_in_thread(
+            server = MeshServer(
                 app, host="127.0.0.1", port=0, mode=mode, server_context=context, **options
-            )
+            ).start_in_thread()
         started.append(server)
         return server
 
@@ -598,13 +598,13 @@ def test_a_failed_startup_raises_and_closes_the_port(pki: PKI) -> None:
 
 
 def test_stop_closes_the_port_and_leaves_no_thread(pki: PKI) -> None:
-    server = start_in_thread(
+    server = MeshServer(
         EchoApp(),
         host="127.0.0.1",
         port=0,
         mode="permissive",
         server_context=lambda: server_context(pki, pki.server, require=False),
-    )
+    ).start_in_thread()
     idle = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
     with httpx.Client(verify=client_context(pki, pki.client), timeout=TIMEOUT) as client:
         assert client.get(https(server)).status_code == 200

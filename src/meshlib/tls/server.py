@@ -51,9 +51,6 @@ __all__ = [
     "MeshServer",
     "Mode",
     "RunningServer",
-    "run",
-    "serve",
-    "start_in_thread",
 ]
 
 Mode = Literal["strict", "permissive", "disabled"]
@@ -763,70 +760,3 @@ class RunningServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-async def serve(
-    app: ASGIApp,
-    *,
-    host: str,
-    port: int,
-    mode: str,
-    server_context: ServerContext | None,
-    log_level: str = "warning",
-    sock: socket.socket | None = None,
-) -> None:
-    """Serve ``app`` in the running event loop until SIGINT/SIGTERM (main thread only)."""
-    await MeshServer(
-        app,
-        host=host,
-        port=port,
-        mode=mode,
-        server_context=server_context,
-        log_level=log_level,
-        sock=sock,
-    ).serve()
-
-
-def run(
-    app: ASGIApp,
-    *,
-    host: str,
-    port: int,
-    mode: str,
-    server_context: ServerContext | None,
-    log_level: str = "warning",
-    sock: socket.socket | None = None,
-) -> None:
-    """Serve ``app`` until SIGINT/SIGTERM; blocking, like ``uvicorn.run``."""
-    MeshServer(
-        app,
-        host=host,
-        port=port,
-        mode=mode,
-        server_context=server_context,
-        log_level=log_level,
-        sock=sock,
-    ).run()
-
-
-def start_in_thread(
-    app: ASGIApp,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    mode: str,
-    server_context: ServerContext | None,
-    log_level: str = "warning",
-    sock: socket.socket | None = None,
-    startup_timeout: float = 10.0,
-) -> RunningServer:
-    """Serve ``app`` in a background thread; ``.port`` is the bound port, ``.stop()`` ends it."""
-    return MeshServer(
-        app,
-        host=host,
-        port=port,
-        mode=mode,
-        server_context=server_context,
-        log_level=log_level,
-        sock=sock,
-    ).start_in_thread(startup_timeout)
