@@ -32,10 +32,10 @@ from meshlib.config.resilience_model import (
 from meshlib.config.security_model import (
     IdentityConfig,
     ServiceTls,
-    check_trust_domain,
 )
 from meshlib.config.types import Duration, Strict
 from meshlib.endpoint import parse_address
+from meshlib.tls.identity import validate_trust_domain
 
 # Lowercase only: URL hosts are case-insensitive and httpx lowercases them.
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$"
@@ -336,7 +336,7 @@ class MeshConfig(Strict):
     @field_validator("trust_domain")
     @classmethod
     def _trust_domain(cls, value: str) -> str:
-        return check_trust_domain(value)
+        return validate_trust_domain(value)
 
     trust_domain: str = "cluster.local"
     identity: IdentityConfig | None = None

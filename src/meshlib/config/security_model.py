@@ -11,17 +11,7 @@ from meshlib.config.types import Duration, Strict
 from meshlib.tls.identity import spiffe_matches
 
 _ONE_HOUR: Any = "1h"  # validated like a policy value
-_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
 _SEGMENT = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
-
-
-def check_trust_domain(value: str) -> str:
-    if not _TRUST_DOMAIN.fullmatch(value) or len(value) > 255:
-        raise ValueError(
-            f"trust domain {value!r} must be lowercase letters, digits, '.', '-' or '_' "
-            "(a SPIFFE trust domain such as example.org)"
-        )
-    return value
 
 
 class IdentityCA(Strict):

@@ -93,12 +93,6 @@ class ServiceGuard:
     def invalidate(self) -> None:
         self._avoid_until = 0.0
 
-    def check_cluster(self) -> None:
-        """Fail fast when the service's own breaker is open."""
-        breaker = self.cluster_breaker
-        if breaker is not None and not breaker.allow():
-            raise self.cluster_open_error()
-
     def cluster_open_error(self) -> CircuitOpenError:
         return CircuitOpenError(
             f"circuit breaker of service {self.name!r} is open after repeated failures; "

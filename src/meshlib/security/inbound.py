@@ -30,6 +30,3 @@ class InboundSecurity:
     @property
     def active(self) -> bool:
         return self.mtls == "strict" or self.authenticator is not None or bool(self.policies)
-
-
-NO_SECURITY = InboundSecurity("")
