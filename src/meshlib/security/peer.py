@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any
 
-from meshlib.tls.identity import spiffe_ids_of
+from meshlib.tls.identity import svid_id
 
 INBOUND_AUTHORIZATION: ContextVar[str | None] = ContextVar(
     "meshlib_inbound_authorization", default=None
@@ -32,13 +32,7 @@ def peer_from_scope(scope: Mapping[str, Any]) -> str:
     # parsing a certificate costs ~tens of µs: callers reconnect far less often
     peer = _PEERS.get(pem)
     if peer is None:
-        from cryptography import x509  # imported on use: it costs ~8 MiB
-
-        try:
-            ids = spiffe_ids_of(x509.load_pem_x509_certificate(pem.encode("ascii")))
-        except ValueError:
-            ids = []
-        peer = ids[0] if len(ids) == 1 else ""
+        peer = svid_id(pem.encode("ascii"))
         _PEERS[pem] = peer
         if len(_PEERS) > _MAX_PEERS:
             _PEERS.popitem(last=False)

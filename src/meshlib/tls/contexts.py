@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from meshlib.errors import MeshError
-from meshlib.tls.identity import spiffe_ids_of, spiffe_matches
+from meshlib.tls.identity import spiffe_matches, svid_id
 
 
 class PeerIdentityError(MeshError, httpx.ConnectError):
@@ -56,13 +56,8 @@ def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
     """
     if ssl_object is None:
         return ""
-    from cryptography import x509  # imported on use: it costs ~8 MiB
-
     der = ssl_object.getpeercert(True)  # positional: httpcore hands over the C-level object
-    if not der:
-        return ""
-    ids = spiffe_ids_of(x509.load_der_x509_certificate(der))
-    return ids[0] if len(ids) == 1 else ""
+    return svid_id(der, der=True) if der else ""
 
 
 def verify_peer(

@@ -34,9 +34,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import grpc
-from cryptography import x509
 
-from meshlib.tls.identity import spiffe_ids_of
+from meshlib.tls.identity import svid_id
 from meshlib.tls.provider import Credentials, IdentityProvider
 
 log = logging.getLogger("meshlib.tls")
@@ -146,8 +145,4 @@ def peer_spiffe_id(context: AnyServicerContext) -> str:
     pems = _peer_certificates(context)
     if len(pems) != 1:
         return ""
-    try:
-        ids = spiffe_ids_of(x509.load_pem_x509_certificate(pems[0]))
-    except ValueError:
-        return ""
-    return ids[0] if len(ids) == 1 else ""
+    return svid_id(pems[0])

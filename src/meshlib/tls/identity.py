@@ -224,3 +224,19 @@ def spiffe_ids_of(cert: x509.Certificate) -> list[str]:
         for uri in san.get_values_for_type(x509.UniformResourceIdentifier)
         if uri.partition(":")[0].lower() == "spiffe"
     ]
+
+
+def svid_id(encoded: bytes, *, der: bool = False) -> str:
+    """The SPIFFE ID of a certificate in PEM (or DER) bytes: "" unless it parses and
+    carries exactly one, as a valid X509-SVID does."""
+    from cryptography import x509  # imported on use: it costs ~8 MiB
+
+    try:
+        if der:
+            certificate = x509.load_der_x509_certificate(encoded)
+        else:
+            certificate = x509.load_pem_x509_certificate(encoded)
+        ids = spiffe_ids_of(certificate)
+    except ValueError:
+        return ""
+    return ids[0] if len(ids) == 1 else ""
