@@ -25,7 +25,7 @@ from meshlib.resilience.deadline import INBOUND_DEADLINE
 from meshlib.security.inbound import InboundSecurity
 from meshlib.security.peer import INBOUND_AUTHORIZATION, cookies_of, peer_from_scope
 from meshlib.security.rbac import RequestFacts, authorize
-from meshlib.telemetry.metrics import METRICS, Attributes, ServerKey
+from meshlib.telemetry.metrics import METRICS
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
 from meshlib.telemetry.tap import Tap
@@ -136,7 +136,6 @@ class MeshASGIMiddleware:
         self._observers = observers or Observers(Tap(), lambda: store.config.telemetry)
         TRACING.refresh()  # a provider installed since the last look is used at once
         METRICS.refresh()
-        self._metric_attributes: dict[ServerKey, Attributes] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -189,13 +188,10 @@ class MeshASGIMiddleware:
             route = policy.rule_for(scope.get("path", "/")).name if policy is not None else "*"
             if telemetry.metrics:
                 self._stats.inbound(self.service, route).record(0 < status < 500, elapsed)
-                if METRICS.on:  # one record with a label set built once
-                    key = (route, status // 100)
+                if METRICS.on:  # one call to a recorder made once per label set
+                    key = (self.service, route, status // 100)
                     try:
-                        attributes = self._metric_attributes.get(key) or METRICS.server_attributes(
-                            self._metric_attributes, self.service, key
-                        )
-                        METRICS.server_duration.record(elapsed, attributes)
+                        (METRICS.server_recorders.get(key) or METRICS.server_recorder(key))(elapsed)
                         if status == 429 and "rate_limited" in flags:
                             METRICS.server_rate_limited(self.service, route)
                     except Exception:  # a metrics SDK must never break the request

@@ -20,7 +20,7 @@ HOST = b"host"
 class Plan:
     """One request's decision plus the bytes to put on the wire."""
 
-    __slots__ = ("decision", "headers", "resilient", "target", "timeout", "tls")
+    __slots__ = ("decision", "headers", "path", "resilient", "target", "timeout", "tls")
 
     def __init__(
         self,
@@ -30,10 +30,13 @@ class Plan:
         timeout: float | None,
         resilient: bool = False,
         tls: str | None = None,
+        path: str = "",
     ) -> None:
         self.decision = decision
         self.headers = headers
         self.target = target
+        # the path and query the application asked for (target: after any rewrite)
+        self.path = path or target.decode("ascii")
         self.timeout = timeout
         # route or service has resilience policy: the call goes through the attempt loop
         self.resilient = resilient
@@ -90,7 +93,7 @@ def plan_request(
     if mtls and decision.cluster.service in snapshot.peer_identities:
         tls = decision.cluster.service
     target = decision.target.encode("ascii")
-    return Plan(decision, headers, target, action.timeout, resilient, tls)
+    return Plan(decision, headers, target, action.timeout, resilient, tls, raw_path)
 
 
 def rewrite_headers(
@@ -119,4 +122,4 @@ def mirror_plan(plan: Plan, limit: float, tls: str | None) -> Plan:
     the mirror service when it is called with mutual TLS."""
     headers = [(n, v + b"-shadow" if n.lower() == HOST else v) for n, v in plan.headers]
     timeout = limit if plan.timeout is None else min(plan.timeout, limit)
-    return Plan(plan.decision, headers, plan.target, timeout, tls=tls)
+    return Plan(plan.decision, headers, plan.target, timeout, tls=tls, path=plan.path)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from meshlib.errors import RateLimitedError
-from meshlib.telemetry.metrics import METRICS, Attributes, ClientKey
+from meshlib.telemetry.metrics import METRICS
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
 from meshlib.telemetry.tracing import TRACING, UNSAMPLED, ClientTrace, current_context, roll
@@ -36,7 +36,7 @@ Call = tuple[Any, "Window | None", float, "ClientTrace | None"]
 class ClientTelemetry:
     """The per-call telemetry of one transport (``caller``: this process's service)."""
 
-    __slots__ = ("_attributes", "_caller", "_observers", "_stats", "_store")
+    __slots__ = ("_caller", "_observers", "_stats", "_store")
 
     def __init__(
         self,
@@ -49,8 +49,6 @@ class ClientTelemetry:
         self._stats = stats
         self._observers = observers
         self._caller = caller
-        # OpenTelemetry label sets, built once per key and reused
-        self._attributes: dict[ClientKey, Attributes] = {}
 
     def begin(self, plan: Plan, request: httpx.Request) -> Call:
         """Before the call: its window, its start time, and its trace if sampled."""
@@ -78,8 +76,7 @@ class ClientTelemetry:
                         plan, request, parent, settings.sample_ratio, self._caller
                     )
                 elif roll() < settings.sample_ratio and not UNSAMPLED.get():
-                    # rolled already: a root that start_client must not roll for again
-                    trace = TRACING.start_client(plan, request, parent, 1.0, self._caller)
+                    trace = TRACING.start_root(plan, request, self._caller)
         return telemetry, window, started, trace
 
     def succeeded(
@@ -91,18 +88,16 @@ class ClientTelemetry:
         if window is not None:
             status = response.status_code
             window.record(status < 500, elapsed)
-            if METRICS.on:  # one record with a label set built once
+            if METRICS.on:  # one call to a recorder made once per label set
                 key = (
+                    self._caller,
                     decision.service.name,
                     decision.route.name,
                     decision.cluster.subset,
                     status // 100,
                 )
                 try:
-                    attributes = self._attributes.get(key) or METRICS.client_attributes(
-                        self._attributes, self._caller, key
-                    )
-                    METRICS.client_duration.record(elapsed, attributes)
+                    (METRICS.client_recorders.get(key) or METRICS.client_recorder(key))(elapsed)
                 except Exception:  # a metrics SDK must never cost the caller its response
                     log.exception("recording the request's metrics failed")
         if trace is not None:
@@ -127,11 +122,14 @@ class ClientTelemetry:
 
     def _record_error(self, decision: Decision, error: Exception, seconds: float) -> None:
         try:
-            key = (decision.service.name, decision.route.name, decision.cluster.subset, 0)
-            attributes = self._attributes.get(key) or METRICS.client_attributes(
-                self._attributes, self._caller, key
+            key = (
+                self._caller,
+                decision.service.name,
+                decision.route.name,
+                decision.cluster.subset,
+                0,
             )
-            METRICS.client_duration.record(seconds, attributes)
+            (METRICS.client_recorders.get(key) or METRICS.client_recorder(key))(seconds)
             if isinstance(error, RateLimitedError):
                 METRICS.client_rate_limited(
                     self._caller, decision.service.name, decision.route.name

@@ -42,8 +42,8 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer, TracerProvider
 
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from meshlib.http.plan import Plan
     from meshlib.resilience.attempts import Attempt
     from meshlib.resilience.faults import Fault
+    from meshlib.telemetry.spans import Sink
 
 log = logging.getLogger("meshlib.telemetry")
 
@@ -121,6 +122,8 @@ UNSAMPLED: ContextVar[bool] = ContextVar("meshlib_unsampled", default=False)
 """True while serving a request that was not sampled and came without a parent: the
 calls made meanwhile are not sampled either (there is no context to pass on)."""
 
+_EMPTY = Context()
+
 roll = random.Random().random
 """The sampling draw: its own generator, so that tracing never shifts the draws of a
 mesh's seeded random source (splits, balancing)."""
@@ -134,12 +137,17 @@ class Tracing:
     for calls that are traced or carry a context to pass on.
     """
 
-    __slots__ = ("_provider", "check_at", "fields", "on", "tracer")
+    __slots__ = ("_provider", "check_at", "fields", "on", "plain_propagation", "sink", "tracer")
 
     def __init__(self, provider: Callable[[], TracerProvider] = trace.get_tracer_provider) -> None:
         self._provider = provider
         self.on = False
         self.tracer: Tracer | None = None
+        self.sink: Sink | None = None
+        """Where client spans go without SDK span objects (see meshlib.telemetry.spans);
+        None: through the tracer."""
+        self.plain_propagation = False
+        """The global propagator is the default one, which the mesh writes itself."""
         self.fields: frozenset[str] = frozenset()
         """Header names the global propagator reads (a request without any of them has
         no propagated context)."""
@@ -161,9 +169,22 @@ class Tracing:
         except Exception:  # a broken provider means no tracing, never a failed request
             log.exception("tracing disabled: the tracer provider failed")
             tracer = None
+        self.sink = _sink_for(tracer, self.sink)
+        self.plain_propagation = plain_propagation()
         self.tracer = tracer
         self.on = tracer is not None
         self.check_at = (perf_counter() if now is None else now) + RECHECK_SECONDS
+
+    def extract(self, headers: Mapping[str, str], context: Context) -> Context:
+        """``context`` with what the propagator finds in ``headers`` (lowercase
+        names): a ``traceparent`` alone, the common case, is read directly when the
+        propagator is the default one."""
+        if self.plain_propagation and "tracestate" not in headers and "baggage" not in headers:
+            value = headers.get("traceparent")
+            parsed = _traceparent(value) if value else None
+            if parsed is not None:
+                return trace.set_span_in_context(trace.NonRecordingSpan(parsed), context)
+        return propagate.extract(headers, context)
 
     def start_client(
         self,
@@ -186,12 +207,27 @@ class Tracing:
                 sampled = not UNSAMPLED.get() and roll() < ratio
             tracer = self.tracer
             if sampled and tracer is not None:
-                return ClientTrace(tracer, plan, request, parent, caller)
+                return ClientTrace(tracer, self.sink, plan, request, parent, span_context, caller)
             if parent:
                 plan.headers = inject(plan.headers, parent)
         except Exception:
             log.exception("tracing failed; the call goes on untraced")
         return None
+
+    def start_root(
+        self, plan: Plan, request: httpx.Request, caller: str | None
+    ) -> ClientTrace | None:
+        """The trace of a call without a parent that the caller rolled to sample."""
+        tracer = self.tracer
+        if tracer is None:
+            return None
+        try:
+            return ClientTrace(
+                tracer, self.sink, plan, request, _EMPTY, trace.INVALID_SPAN_CONTEXT, caller
+            )
+        except Exception:
+            log.exception("tracing failed; the call goes on untraced")
+            return None
 
     def start_server(
         self, scope: Mapping[str, Any], headers: Mapping[str, str], service: str, ratio: float
@@ -205,7 +241,7 @@ class Tracing:
             parent = current = current_context()
             span_context = trace.get_current_span(parent).get_span_context()
             if not span_context.is_valid and not self.fields.isdisjoint(headers):
-                parent = propagate.extract(headers, parent)
+                parent = self.extract(headers, parent)
                 span_context = trace.get_current_span(parent).get_span_context()
             if span_context.is_valid:
                 sampled = span_context.trace_flags.sampled
@@ -213,12 +249,14 @@ class Tracing:
                 sampled = not UNSAMPLED.get() and roll() < ratio
             tracer = self.tracer
             if sampled and tracer is not None:
-                span = tracer.start_span(
-                    _server_name(scope, service),
-                    parent,
-                    SpanKind.SERVER,
-                    _server_attributes(scope, headers, service),
-                )
+                name = _server_name(scope, service)
+                attributes = _server_attributes(scope, headers, service)
+                span: Span
+                if self.sink is not None:
+                    above = span_context if span_context.is_valid else None
+                    span = self.sink.start(name, above, SpanKind.SERVER, attributes)
+                else:
+                    span = tracer.start_span(name, parent, SpanKind.SERVER, attributes)
                 attached = otel_context.attach(trace.set_span_in_context(span, parent))
                 return ServerTrace(span, attached, None)
             # no span: pass on what came in (the parent, its flags, the baggage)
@@ -253,6 +291,86 @@ def inject(headers: Headers, context: Context) -> Headers:
     return out
 
 
+def _sink_for(tracer: Tracer | None, current: Sink | None) -> Sink | None:
+    """Where spans go without SDK span objects (meshlib.telemetry.spans, which
+    imports the SDK: only looked at once the tracer is the SDK's)."""
+    if tracer is None or not type(tracer).__module__.startswith("opentelemetry.sdk."):
+        return None
+    try:
+        from meshlib.telemetry.spans import sink_for
+    except ImportError:  # an SDK too different to import from
+        log.debug("spans go through the tracer", exc_info=True)
+        return None
+    return sink_for(tracer, current)
+
+
+def plain_propagation() -> bool:
+    """Whether the global propagator is the API's default (W3C trace context and
+    baggage), which `inject_direct` writes without going through it."""
+    try:
+        from opentelemetry.baggage.propagation import W3CBaggagePropagator
+        from opentelemetry.propagators.composite import CompositePropagator
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        textmap = propagate.get_global_textmap()
+        if type(textmap) is not CompositePropagator:
+            return False
+        kinds = [type(p) for p in textmap._propagators]
+        return kinds == [TraceContextTextMapPropagator, W3CBaggagePropagator]
+    except Exception:
+        return False
+
+
+_PROPAGATED = {b"traceparent": b"traceparent", b"tracestate": b"tracestate", b"baggage": b"baggage"}
+_PROPAGATED_LENGTHS = frozenset(len(name) for name in _PROPAGATED)
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _traceparent(value: str) -> trace.SpanContext | None:
+    """The remote span of a version 00 ``traceparent`` in its exact form; None for
+    anything else, which the propagator then reads (and may refuse)."""
+    if len(value) != 55 or value[:3] != "00-" or value[35] != "-" or value[52] != "-":
+        return None
+    digits = value.replace("-", "")
+    if len(digits) != 52 or not _HEX.issuperset(digits):
+        return None
+    trace_id = int(value[3:35], 16)
+    span_id = int(value[36:52], 16)
+    if not trace_id or not span_id:
+        return None
+    return trace.SpanContext(trace_id, span_id, True, trace.TraceFlags(int(value[53:], 16)))
+
+
+def inject_direct(headers: Headers, span: trace.SpanContext, parent: Context) -> Headers:
+    """``headers`` with W3C ``traceparent``/``tracestate`` for ``span`` and the
+    ``baggage`` of ``parent``, as the default propagator would write them (a new
+    list; the application's own headers of those names are replaced)."""
+    traceparent = (
+        b"traceparent",
+        b"00-%032x-%016x-%02x" % (span.trace_id, span.span_id, span.trace_flags),
+    )
+    state = span.trace_state
+    if not state and not parent:  # the common case: nothing else to add
+        if any(len(name) == 11 and name.lower() == b"traceparent" for name, _ in headers):
+            headers = [(name, value) for name, value in headers if name.lower() != b"traceparent"]
+        return [*headers, traceparent]
+    added = [traceparent]
+    if state:
+        added.append((b"tracestate", state.to_header().encode("latin-1")))
+    if parent and baggage.get_all(parent):
+        from opentelemetry.baggage.propagation import W3CBaggagePropagator
+
+        carrier: dict[str, str] = {}
+        W3CBaggagePropagator().inject(carrier, parent)
+        value = carrier.get("baggage")
+        if value:
+            added.append((b"baggage", value.encode("latin-1")))
+    names = {name for name, _ in added}
+    return [(name, value) for name, value in headers if name.lower() not in names] + added
+
+
 class ClientTrace:
     """The spans of one sampled call: the logical span and one per attempt.
 
@@ -266,8 +384,10 @@ class ClientTrace:
         "_last",
         "_method",
         "_name",
+        "_parent",
         "_reason",
         "_scheme",
+        "_sink",
         "_target",
         "_tracer",
         "span",
@@ -276,21 +396,23 @@ class ClientTrace:
     def __init__(
         self,
         tracer: Tracer,
+        sink: Sink | None,
         plan: Plan,
         request: httpx.Request,
         parent: Context,
+        parent_span: trace.SpanContext,
         caller: str | None,
     ) -> None:
         decision = plan.decision
         service = decision.service.name
         method = request.method
         url = request.url
+        asked = _redacted(plan.path)
+        port = url.port
         attributes: dict[str, Any] = {
             HTTP_METHOD: method,
-            URL_FULL: f"{url.scheme}://{url.netloc.decode('ascii')}"
-            + _redacted(url.raw_path.decode("ascii")),
-            SERVER_ADDRESS: url.host,
-            SERVER_PORT: url.port or (443 if url.scheme == "https" else 80),
+            # a mesh service is called over http:// (plan_request refuses the rest)
+            URL_FULL: f"http://{url.host}:{port}{asked}" if port else f"http://{url.host}{asked}",
             MESH_SERVICE: service,
             MESH_ROUTE: decision.route.name,
             MESH_CLUSTER: decision.cluster.name,
@@ -304,13 +426,28 @@ class ClientTrace:
             attributes[MESH_SUBSET] = decision.cluster.subset
         if caller:
             attributes[MESH_CALLER] = caller
-        self.span = tracer.start_span(f"{name} {service}", parent, SpanKind.INTERNAL, attributes)
-        self._context = trace.set_span_in_context(self.span, parent)
+        self.span: Span
+        if sink is not None:
+            self.span = sink.start(
+                f"{name} {service}",
+                parent_span if parent_span.is_valid else None,
+                SpanKind.INTERNAL,
+                attributes,
+            )
+            self._context = parent  # attempts name their parent span directly
+        else:
+            self.span = tracer.start_span(
+                f"{name} {service}", parent, SpanKind.INTERNAL, attributes
+            )
+            self._context = trace.set_span_in_context(self.span, parent)
+        self._sink = sink
+        self._parent = parent
         self._tracer = tracer
         self._name = name
         self._method = method
         self._scheme = "http" if plan.tls is None else "https"
-        self._target = _redacted(plan.target.decode("ascii"))
+        target = decision.target
+        self._target = asked if target == plan.path else _redacted(target)
         self._guard = decision.cluster.guard
         self._reason: str | None = None
         self._last: Endpoint | None = None
@@ -347,7 +484,13 @@ class ClientTrace:
             self._last = endpoint
         if timeout is not None:
             attributes[MESH_TIMEOUT_MS] = max(1, int(timeout * 1000))
-        span = self._tracer.start_span(self._name, self._context, SpanKind.CLIENT, attributes)
+        sink = self._sink
+        if sink is None:
+            span = self._tracer.start_span(self._name, self._context, SpanKind.CLIENT, attributes)
+        else:
+            span = sink.start(self._name, self.span.get_span_context(), SpanKind.CLIENT, attributes)
+            if TRACING.plain_propagation:
+                return inject_direct(headers, span.context, self._parent), span
         return inject(headers, trace.set_span_in_context(span, self._context)), span
 
     # -- what happened between attempts ----------------------------------------------
@@ -392,7 +535,7 @@ class ClientTrace:
                 if report:
                     span.set_attribute(MESH_ATTEMPTS, report.get("attempts", 1))
                     if report.get("flags"):
-                        span.set_attribute(MESH_FLAGS, list(report["flags"]))
+                        span.set_attribute(MESH_FLAGS, tuple(report["flags"]))
                 else:
                     span.set_attribute(MESH_ATTEMPTS, 1)
                 _set_status(span, status, 400)
