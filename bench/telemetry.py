@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python bench/telemetry.py          # full run, ~1.5 min
+    .venv/bin/python bench/telemetry.py          # full run, ~4 min
     .venv/bin/python bench/telemetry.py --quick  # smoke run
 
 Same method as bench/run.py's sync phase (its server, policy and helpers): clients
@@ -13,21 +13,29 @@ of client CPU per request. The clients, all on the same policy:
   MeterProvider, no TracerProvider;
 - ``metrics``: the golden metrics plus OpenTelemetry metrics into an SDK
   MeterProvider whose reader is never collected during the run;
-- ``unsampled``: the same plus an SDK TracerProvider, ``sample_ratio: 0``;
+- ``unsampled``: the same plus an SDK TracerProvider, ``sample_ratio: 0``: calls
+  without a parent, not sampled (nothing on the wire);
 - ``sampled``: the same with ``sample_ratio: 1``, spans batched to an exporter that
-  drops them.
+  drops them; each call sends a ``traceparent``;
+- ``unsampled_in_trace`` and ``sampled_in_trace``: calls made inside a trace, under
+  a parent span whose flag is off or on, as in a service serving a traced request:
+  both send a ``traceparent`` (the parent's, or the call's attempt span's);
+- ``baseline_header``: ``baseline`` whose requests carry a ``traceparent`` the
+  application set: what one more header costs httpx and h11, without any tracing.
 
 The providers are process-wide, so each client's block runs with its own installed
 (`METRICS` and `TRACING` are pointed at them and refreshed before the block).
 Targets (the issue): metrics plus unsampled tracing add <= 5 µs per request
 (``unsampled - baseline``); a sampled request's span work <= 20 µs
-(``sampled - unsampled``).
+(``sampled_in_trace - unsampled_in_trace``: the same headers go on the wire, so
+the difference is the spans). ``sampled - unsampled`` is reported too: span work
+plus the cost of sending one more header.
 
 The server side is measured the same way in a second phase, in process and
 without sockets: ``mesh.asgi`` around an app that answers 200 at once, driven by
 one event loop with requests that carry a ``traceparent`` from their caller, flag
-``01`` (sampled) or ``00`` (not sampled); the per-request CPU of the middleware and
-the app, same four configurations.
+``00`` (``unsampled``) or ``01`` (``sampled``); the per-request CPU of the
+middleware and the app, four configurations.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import asyncio
 import copy
 import gc
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.metrics import MeterProvider, NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
@@ -51,6 +61,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -63,7 +74,6 @@ from run import (
     aggregate,
     bench_policy,
     bench_server,
-    med,
     paired_delta,
     rotated,
     sync_block,
@@ -71,7 +81,11 @@ from run import (
 
 TARGET_METRICS_UNSAMPLED_US = 5.0
 TARGET_SAMPLED_SPANS_US = 20.0
-NAMES = ("baseline", "metrics", "unsampled", "sampled")
+SERVER_NAMES = ("baseline", "metrics", "unsampled", "sampled")
+CLIENT_NAMES = (*SERVER_NAMES, "unsampled_in_trace", "sampled_in_trace", "baseline_header")
+PARENT_FLAGS = {"unsampled_in_trace": 0, "sampled_in_trace": 1}
+TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+PARENT_ID = 0x00F067AA0BA902B7
 
 
 class _Dropping(SpanExporter):
@@ -106,23 +120,52 @@ Rounds = list[dict[str, dict[str, float]]]
 
 
 def interleaved(
-    installed: Installed, rounds_n: int, label: str, block: Callable[[str], dict[str, float]]
+    names: Sequence[str],
+    installed: Installed,
+    rounds_n: int,
+    label: str,
+    block: Callable[[str], dict[str, float]],
 ) -> Rounds:
     """``rounds_n`` rounds of ``block`` for every configuration in a rotating order,
     each run with its providers installed."""
     rounds: Rounds = []
     for r in range(rounds_n):
         result = {}
-        for name in rotated(list(NAMES), r):
+        for name in rotated(list(names), r):
             install(*installed[name])
             result[name] = block(name)
         rounds.append(result)
         print(
             f"  {label} {r + 1}/{rounds_n}: "
-            + ", ".join(f"{n} cpu {result[n]['cpu_us']:.1f} µs" for n in NAMES),
+            + ", ".join(f"{n} {result[n]['cpu_us']:.1f}" for n in names)
+            + " µs CPU",
             flush=True,
         )
     return rounds
+
+
+def pin(server_pid: int) -> bool:
+    """Client on the first CPU, server on the second, when there are two: no
+    migrations between the blocks being compared (less noise in small deltas)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2:
+        return False
+    os.sched_setaffinity(0, {cpus[0]})
+    os.sched_setaffinity(server_pid, {cpus[1]})
+    return True
+
+
+def client_block(client: httpx.Client, name: str, n: int) -> dict[str, float]:
+    """``n`` calls with ``client``, inside a trace for the ``*_in_trace`` clients."""
+    flags = PARENT_FLAGS.get(name)
+    if flags is None:
+        return sync_block(client, MESH_URL, n).summary()
+    parent = SpanContext(TRACE_ID, PARENT_ID, is_remote=True, trace_flags=TraceFlags(flags))
+    token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(parent)))
+    try:
+        return sync_block(client, MESH_URL, n).summary()
+    finally:
+        otel_context.detach(token)
 
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}"
@@ -193,10 +236,11 @@ def bench_server_side(
     apps = {name: mesh.asgi(_answer) for name, mesh in meshes.items()}
     loop = asyncio.new_event_loop()
     try:
-        for name in NAMES:
+        for name in SERVER_NAMES:
             install(*installed[name])
             server_block(loop, apps[name], name == "sampled", requests // 4)
         rounds = interleaved(
+            SERVER_NAMES,
             installed,
             rounds_n,
             "server round",
@@ -206,13 +250,71 @@ def bench_server_side(
         loop.close()
         for mesh in meshes.values():
             mesh.close()
-    out: dict[str, Any] = aggregate(rounds, NAMES)
-    measured = ("cpu_us",)
-    out["metrics_vs_baseline"] = paired_delta(rounds, "metrics", "baseline", measured)
-    out["unsampled_vs_metrics"] = paired_delta(rounds, "unsampled", "metrics", measured)
-    out["unsampled_vs_baseline"] = paired_delta(rounds, "unsampled", "baseline", measured)
-    out["sampled_vs_unsampled"] = paired_delta(rounds, "sampled", "unsampled", measured)
+    return deltas(rounds, SERVER_NAMES, SERVER_DELTAS, ("cpu_us",))
+
+
+# (key, a, b, what it shows, target in µs or None)
+Delta = tuple[str, str, str, str, "float | None"]
+SERVER_DELTAS: tuple[Delta, ...] = (
+    ("metrics_vs_baseline", "metrics", "baseline", "OTel metrics", None),
+    (
+        "unsampled_vs_baseline",
+        "unsampled",
+        "baseline",
+        "metrics + unsampled tracing",
+        TARGET_METRICS_UNSAMPLED_US,
+    ),
+    ("sampled_vs_unsampled", "sampled", "unsampled", "span work", TARGET_SAMPLED_SPANS_US),
+)
+CLIENT_DELTAS: tuple[Delta, ...] = (
+    SERVER_DELTAS[0],
+    SERVER_DELTAS[1],
+    (
+        "in_trace_vs_baseline",
+        "unsampled_in_trace",
+        "baseline",
+        "metrics + passing a parent on, unsampled",
+        None,
+    ),
+    (
+        "span_work",
+        "sampled_in_trace",
+        "unsampled_in_trace",
+        "span work (same headers on the wire)",
+        TARGET_SAMPLED_SPANS_US,
+    ),
+    (
+        "sampled_vs_unsampled",
+        "sampled",
+        "unsampled",
+        "span work + one more header (roots)",
+        None,
+    ),
+    ("header_vs_baseline", "baseline_header", "baseline", "one more header, no tracing", None),
+)
+
+
+def deltas(
+    rounds: Rounds, names: Sequence[str], wanted: Sequence[Delta], measured: Sequence[str]
+) -> dict[str, Any]:
+    """Medians per configuration and the paired differences ``wanted``."""
+    out: dict[str, Any] = aggregate(rounds, names)
+    for key, a, b, _, _ in wanted:
+        out[key] = paired_delta(rounds, a, b, measured)
     return out
+
+
+def report(
+    title: str, result: dict[str, Any], names: Sequence[str], wanted: Sequence[Delta]
+) -> None:
+    print(title)
+    for name in names:
+        print(f"  {name:<20} {result[name]['cpu_us']:7.1f} µs")
+    for key, a, b, what, target in wanted:
+        value = result[key]["cpu_us"]
+        verdict = "" if target is None else (" ok" if value <= target else " OVER")
+        limit = "" if target is None else f" (target <= {target:g} µs){verdict}"
+        print(f"  {what + f' ({a} - {b})':<66} {value:+6.2f} µs{limit}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -220,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short smoke run")
     parser.add_argument("--output", type=Path, help="JSON file to write")
     args = parser.parse_args(argv)
-    rounds_n, requests, warmup = (4, 800, 200) if args.quick else (8, 3000, 500)
+    rounds_n, requests, warmup = (4, 800, 200) if args.quick else (20, 2000, 500)
 
     reader = InMemoryMetricReader()  # never collected while the clients run
     meters = SdkMeterProvider(metric_readers=[reader])
@@ -228,32 +330,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     tracers = SdkTracerProvider()
     tracers.add_span_processor(BatchSpanProcessor(exporter))
     nothing = (NoOpMeterProvider(), trace.NoOpTracerProvider())
-    installed = {
+    installed: Installed = {
         "baseline": nothing,
+        "baseline_header": nothing,
         "metrics": (meters, trace.NoOpTracerProvider()),
-        "unsampled": (meters, tracers),
-        "sampled": (meters, tracers),
+        **{name: (meters, tracers) for name in CLIENT_NAMES[2:-1]},
     }
+    ratios = {"unsampled": 0.0}  # the rest: 1.0 (the in-trace ones follow their parent)
     started = time.perf_counter()
     with bench_server() as server:
         port = server.port
+        pinned = pin(server.process.pid)
         meshes = {
-            "baseline": Mesh(policy(port, False, 1.0), service="bench-client"),
-            "metrics": Mesh(policy(port, True, 1.0), service="bench-client"),
-            "unsampled": Mesh(policy(port, True, 0.0), service="bench-client"),
-            "sampled": Mesh(policy(port, True, 1.0), service="bench-client"),
+            name: Mesh(
+                policy(port, name != "baseline", ratios.get(name, 1.0)), service="bench-client"
+            )
+            for name in CLIENT_NAMES
         }
         clients: dict[str, httpx.Client] = {}
         try:
-            for name in NAMES:
+            for name in CLIENT_NAMES:
                 install(*installed[name])
-                clients[name] = meshes[name].http_client()
-                sync_block(clients[name], MESH_URL, warmup)
+                headers = {"traceparent": TRACEPARENT.format(flags="00")}
+                clients[name] = meshes[name].http_client(
+                    headers=headers if name == "baseline_header" else None
+                )
+                client_block(clients[name], name, warmup)
             rounds = interleaved(
+                CLIENT_NAMES,
                 installed,
                 rounds_n,
                 "round",
-                lambda name: sync_block(clients[name], MESH_URL, requests).summary(),
+                lambda name: client_block(clients[name], name, requests),
             )
         finally:
             for client in clients.values():
@@ -270,12 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     collected = reader.get_metrics_data()
     meters.shutdown()
 
-    measured = ("cpu_us", "p50_us")
-    out: dict[str, Any] = aggregate(rounds, NAMES)
-    out["metrics_vs_baseline"] = paired_delta(rounds, "metrics", "baseline", measured)
-    out["unsampled_vs_metrics"] = paired_delta(rounds, "unsampled", "metrics", measured)
-    out["unsampled_vs_baseline"] = paired_delta(rounds, "unsampled", "baseline", measured)
-    out["sampled_vs_unsampled"] = paired_delta(rounds, "sampled", "unsampled", measured)
+    out = deltas(rounds, CLIENT_NAMES, CLIENT_DELTAS, ("cpu_us", "p50_us"))
     out["spans_exported"] = exporter.spans
     out["histogram_points"] = sum(
         len(metric.data.data_points)
@@ -286,33 +389,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     out["server"] = served
     out["requests_per_round"] = requests
+    out["pinned"] = pinned
     out["elapsed_s"] = round(time.perf_counter() - started, 1)
-
-    def line(what: str, value: float, target: float | None) -> str:
-        verdict = "" if target is None else (" ok" if value <= target else " OVER")
-        limit = "" if target is None else f" (target <= {target:g} µs){verdict}"
-        return f"  {what:<42} {value:+6.2f} µs CPU/request{limit}"
-
-    print(f"client CPU per request, medians over {rounds_n} rounds of {requests}:")
-    for name in NAMES:
-        print(f"  {name:<12} {med([r[name]['cpu_us'] for r in rounds]):7.1f} µs")
-    report: list[tuple[str, str, float | None]] = [
-        ("OTel metrics (metrics - baseline)", "metrics_vs_baseline", None),
-        ("unsampled tracing (unsampled - metrics)", "unsampled_vs_metrics", None),
-        (
-            "metrics + unsampled (unsampled - baseline)",
-            "unsampled_vs_baseline",
-            TARGET_METRICS_UNSAMPLED_US,
-        ),
-        ("span work (sampled - unsampled)", "sampled_vs_unsampled", TARGET_SAMPLED_SPANS_US),
-    ]
-    for what, key, target in report:
-        print(line(what, out[key]["cpu_us"], target))
-    print("server side, mesh.asgi in process:")
-    for name in NAMES:
-        print(f"  {name:<12} {served[name]['cpu_us']:7.1f} µs")
-    for what, key, target in report:
-        print(line(what, served[key]["cpu_us"], target))
+    report(
+        f"client CPU per request, medians over {rounds_n} rounds of {requests}:",
+        out,
+        CLIENT_NAMES,
+        CLIENT_DELTAS,
+    )
+    report("server side, mesh.asgi in process:", served, SERVER_NAMES, SERVER_DELTAS)
     output: Path = args.output or RESULTS_DIR / (
         "telemetry-quick.json" if args.quick else "telemetry.json"
     )

@@ -144,3 +144,35 @@ def test_graph_as_svg() -> None:
     assert any("100.0% ok" in t for t in texts) and any("0.0% ok" in t for t in texts)
     assert len(list(root.iter("{http://www.w3.org/2000/svg}line"))) == 2
     assert "#c62828" in svg  # the failing edge is red
+
+
+def test_queued_latencies_stay_in_the_slice_they_were_recorded_in() -> None:
+    clock = FakeClock()
+    window = Window(60.0, slices=12, clock=clock)
+    for _ in range(3):  # fewer than a batch: queued, not yet in a bucket
+        window.record(True, 0.001)
+    clock.now += 5.0  # the next slice
+    window.record(True, 1.0)
+    newest, older = window.live_slices()[:2]
+    fast = BOUNDS.index(next(b for b in BOUNDS if b >= 0.001))
+    slow = BOUNDS.index(next(b for b in BOUNDS if b >= 1.0))
+    assert (older.requests, older.buckets[fast], sum(older.buckets)) == (3, 3, 3)
+    assert (newest.requests, newest.buckets[slow], sum(newest.buckets)) == (1, 1, 1)
+
+
+def test_no_latency_is_lost_under_threads() -> None:
+    import threading
+
+    window = Window(3600.0, slices=12)
+    threads = [
+        threading.Thread(target=lambda: [window.record(True, 0.002) for _ in range(1000)])
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    buckets = sum(sum(one.buckets) for one in window.live_slices())
+    requests = sum(one.requests for one in window.live_slices())
+    assert buckets == 4000  # queued with an atomic append, counted under the lock
+    assert requests <= 4000  # an unlocked increment may rarely be lost

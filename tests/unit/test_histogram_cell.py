@@ -110,3 +110,14 @@ def test_concurrent_recording_loses_nothing(threads: int, values: list[float]) -
         assert got.bucket_counts == tuple(c * threads * rounds for c in expected.bucket_counts)
         assert got.sum == pytest.approx(expected.sum * threads * rounds)
         assert (got.min, got.max) == (expected.min, expected.max)
+
+
+def test_values_queued_before_a_window_opens_are_not_in_it() -> None:
+    cell = HistogramCell(DURATION_BUCKETS)
+    for _ in range(3):  # fewer than a batch: queued
+        cell.record(0.01)
+    cell.open_window("reader")
+    cell.record(0.2)
+    taken = cell.take_window("reader")
+    assert taken is not None and (taken.count, taken.sum) == (1, 0.2)
+    assert cell.snapshot().count == 4

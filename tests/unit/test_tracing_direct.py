@@ -330,7 +330,7 @@ def test_a_failing_processor_never_fails_the_call(caplog: pytest.LogCaptureFixtu
     def broken(span: Any) -> None:
         raise RuntimeError("exporter down")
 
-    sink._processors = (type("Broken", (), {"on_end": staticmethod(broken)})(),)
+    sink.processors = (type("Broken", (), {"on_end": staticmethod(broken)})(),)
     span = sink.start("GET", None, trace.SpanKind.CLIENT, {})
     span.end()
     assert "a span processor failed" in caplog.text and not exporter.get_finished_spans()

@@ -68,7 +68,6 @@ class Sink:
 
     __slots__ = (
         "_ids",
-        "_processors",
         "_root_flags",
         "_span",
         "max_attributes",
@@ -76,6 +75,7 @@ class Sink:
         "max_events",
         "max_link_attributes",
         "max_links",
+        "processors",
         "room",
         "tracer",
     )
@@ -92,7 +92,7 @@ class Sink:
         """Attributes a span may have before the limit needs a look."""
         self._ids = tracer.id_generator
         self._root_flags = _SAMPLED_RANDOM if self._ids.is_trace_id_random() else _SAMPLED
-        self._processors = processors
+        self.processors = processors
         # the tracer's resource and scope, as class attributes of this sink's spans:
         # what every span shares is not stored in every span
         self._span: type[DirectSpan] = type(
@@ -108,7 +108,7 @@ class Sink:
 
     def serves(self, tracer: Any, processors: tuple[Any, ...]) -> bool:
         """Whether this sink is the one `sink_for` would make for ``tracer`` now."""
-        return tracer is self.tracer and processors == self._processors
+        return tracer is self.tracer and processors == self.processors
 
     def start(
         self,
@@ -134,13 +134,6 @@ class Sink:
                 parent.trace_state,
             )
         return self._span(name, context, parent, kind, attributes)
-
-    def finish(self, span: DirectSpan) -> None:
-        for processor in self._processors:
-            try:
-                processor.on_end(span)
-            except Exception:  # a processor's failure must not fail the call
-                log.exception("a span processor failed")
 
 
 def sink_for(tracer: Any, current: Sink | None = None) -> Sink | None:
@@ -299,7 +292,11 @@ class DirectSpan(trace.Span, ReadableSpan):
         sink = self._sink
         if self._dropped or self._events or self._links or len(self._values) > sink.room:
             self._bound(sink)
-        sink.finish(self)
+        for processor in sink.processors:
+            try:
+                processor.on_end(self)
+            except Exception:  # a processor's failure must not fail the call
+                log.exception("a span processor failed")
 
     def _bound(self, sink: Sink) -> None:
         """Apply the SDK's span limits (rarely needed: the mesh's spans are small)."""

@@ -208,7 +208,9 @@ class Tracing:
             tracer = self.tracer
             if sampled and tracer is not None:
                 return ClientTrace(tracer, self.sink, plan, request, parent, span_context, caller)
-            if parent:
+            if span_context.is_valid and self.plain_propagation:
+                plan.headers = inject_direct(plan.headers, span_context, parent)
+            elif parent:
                 plan.headers = inject(plan.headers, parent)
         except Exception:
             log.exception("tracing failed; the call goes on untraced")
@@ -352,14 +354,17 @@ def inject_direct(headers: Headers, span: trace.SpanContext, parent: Context) ->
         b"00-%032x-%016x-%02x" % (span.trace_id, span.span_id, span.trace_flags),
     )
     state = span.trace_state
-    if not state and not parent:  # the common case: nothing else to add
-        if any(len(name) == 11 and name.lower() == b"traceparent" for name, _ in headers):
-            headers = [(name, value) for name, value in headers if name.lower() != b"traceparent"]
+    bag = baggage.get_all(parent) if parent else None
+    if not state and not bag:  # the common case: one header
+        for name, _ in headers:  # the length first: lowering a name allocates
+            if len(name) == 11 and name.lower() == b"traceparent":
+                headers = [(n, v) for n, v in headers if n.lower() != b"traceparent"]
+                break
         return [*headers, traceparent]
     added = [traceparent]
     if state:
         added.append((b"tracestate", state.to_header().encode("latin-1")))
-    if parent and baggage.get_all(parent):
+    if bag:
         from opentelemetry.baggage.propagation import W3CBaggagePropagator
 
         carrier: dict[str, str] = {}

@@ -13,6 +13,7 @@ import bisect
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +25,8 @@ BOUNDS: tuple[float, ...] = tuple(
 """Upper bounds (seconds) of the latency buckets; one more bucket holds the rest."""
 
 QUANTILES = (0.5, 0.95, 0.99)
+_BATCH = 128
+"""Latencies queued before a window puts them in their buckets."""
 
 
 class _Slice:
@@ -39,11 +42,22 @@ class _Slice:
 class Window:
     """Requests, failures and latencies of one stream over the last ``seconds``.
 
-    ``record`` takes no lock: under threads an increment may rarely be lost, which
-    skews a statistic by one request. Rotating to a new slice takes a lock.
+    ``record`` takes no lock but once a batch: under threads an increment may rarely
+    be lost, which skews a statistic by one request. Putting a batch of latencies in
+    their buckets and rotating to a new slice take a lock.
     """
 
-    __slots__ = ("_born", "_clock", "_current", "_lock", "_slices", "_width", "seconds", "total")
+    __slots__ = (
+        "_born",
+        "_clock",
+        "_current",
+        "_lock",
+        "_pending",
+        "_slices",
+        "_width",
+        "seconds",
+        "total",
+    )
 
     def __init__(
         self, seconds: float = 60.0, slices: int = 12, clock: Callable[[], float] = time.monotonic
@@ -56,11 +70,16 @@ class Window:
         tick = int(clock() / self._width)
         self._slices = [_Slice(tick - i) for i in range(slices)]
         self._current = self._slices[0]
+        self._pending: deque[float] = deque()
         self.total = 0
         """Requests since the window was made (a counter that never rolls over)."""
 
     def record(self, ok: bool, seconds: float) -> None:
-        """One request: whether it succeeded, and how long it took."""
+        """One request: whether it succeeded, and how long it took.
+
+        The latency is queued and put in its bucket with the next ones (in a batch,
+        while the bucket lists are in the CPU's caches), at the latest when the
+        window moves to a new slice or is read."""
         current = self._current
         tick = int(self._clock() / self._width)
         if tick != current.tick:
@@ -68,14 +87,29 @@ class Window:
         current.requests += 1
         if not ok:
             current.failures += 1
-        current.buckets[bisect.bisect_left(BOUNDS, seconds)] += 1
+        pending = self._pending
+        pending.append(seconds)
+        if len(pending) >= _BATCH:
+            self._settle(current)
         self.total += 1
+
+    def _settle(self, into: _Slice) -> None:
+        """Put the queued latencies in ``into``'s buckets."""
+        with self._lock:
+            self._settle_locked(into)
+
+    def _settle_locked(self, into: _Slice) -> None:
+        pending = self._pending
+        buckets = into.buckets
+        while pending:  # a latency queued meanwhile is put in too
+            buckets[bisect.bisect_left(BOUNDS, pending.popleft())] += 1
 
     def _rotate(self, tick: int) -> _Slice:
         with self._lock:
             current = self._current
             if current.tick >= tick:
                 return current
+            self._settle_locked(current)  # the queued latencies belong to the ending slice
             fresh = _Slice(tick)
             # the oldest slice makes room; slices older than the window are dropped
             self._slices = [fresh, *self._slices[:-1]]
@@ -88,6 +122,7 @@ class Window:
 
     def live_slices(self) -> list[_Slice]:
         """The slices still inside the window, newest first."""
+        self._settle(self._current)
         now_tick = int(self._clock() / self._width)
         return [s for s in self._slices if now_tick - s.tick < len(self._slices)]
 
