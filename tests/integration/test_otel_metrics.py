@@ -264,3 +264,49 @@ def test_a_failing_metrics_sdk_never_costs_a_response(
         replies = Driver("sync").get(mesh, "http://echo/x", 3)
     assert [reply.status for reply in replies] == [200] * 3
     assert "recording the request's metrics failed" in caplog.text
+
+
+def sizes(reader: InMemoryMetricReader, name: str) -> tuple[int, float]:
+    """(values recorded, their sum) of the body size histogram ``name``."""
+    found = points(reader, name)
+    return sum(point.count for point in found), sum(point.sum for point in found)
+
+
+async def _sized(scope: Any, receive: Any, send: Any) -> None:
+    """Answers with as many bytes as it received plus 5, with a Content-Length."""
+    if scope["type"] != "http":
+        return
+    received = 0
+    while True:
+        message = await receive()
+        received += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = b"y" * (received + 5)
+    headers = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_body_sizes_on_both_sides(reader: InMemoryMetricReader) -> None:
+    server_mesh = Mesh({}, service="echo")
+    server = ServerThread(server_mesh.asgi(_sized)).start()
+    try:
+        policy = {"services": {"echo": {"endpoints": [{"address": server.address}]}}}
+        with Mesh(policy, service="checkout") as mesh, mesh.http_client() as client:
+            for n in (10, 300):
+                assert len(client.post("http://echo/orders", content=b"x" * n).content) == n + 5
+            assert len(client.get("http://echo/orders").content) == 5
+    finally:
+        server.stop()
+        server_mesh.close()
+    # the client: the bodies it sent with a Content-Length (not the GET's), and the
+    # answers' declared lengths
+    assert sizes(reader, "http.client.request.body.size") == (2, 310)
+    assert sizes(reader, "http.client.response.body.size") == (3, 15 + 305 + 5)
+    # the server: the same bytes, the answers counted as mesh.asgi sent them
+    assert sizes(reader, "http.server.request.body.size") == (2, 310)
+    assert sizes(reader, "http.server.response.body.size") == (3, 325)
+    (point,) = points(reader, "http.client.response.body.size")
+    assert dict(point.attributes)["mesh.destination"] == "echo"
+    assert point.explicit_bounds[:3] == (0.0, 64.0, 256.0)

@@ -262,8 +262,9 @@ def test_the_histograms_join_the_meshlib_scope_of_the_providers_resource() -> No
     assert together[CLIENT][0] is together["meshlib.retries"][0]  # one ScopeMetrics
 
 
-def test_record_min_max_off_and_the_mesh_bounds_are_honoured() -> None:
-    aggregation = {SdkHistogram: ExplicitBucketHistogramAggregation(DURATION_BUCKETS, False)}
+def test_record_min_max_off_is_honoured() -> None:
+    # no boundaries: each histogram keeps its own advisory buckets
+    aggregation = {SdkHistogram: ExplicitBucketHistogramAggregation(None, False)}
     reader = InMemoryMetricReader(preferred_aggregation=aggregation)
     expected = InMemoryMetricReader(preferred_aggregation=aggregation)
     metrics = mesh_metrics(provider_with(reader))
@@ -273,6 +274,13 @@ def test_record_min_max_off_and_the_mesh_bounds_are_honoured() -> None:
     assert_same(reader.get_metrics_data(), expected.get_metrics_data())
     (point,) = histogram(reader.get_metrics_data(), CLIENT).values()
     assert (point.min, point.max) == (math.inf, -math.inf)
+
+
+def test_reader_boundaries_for_every_histogram_make_the_mesh_record_through_the_api() -> None:
+    # the durations' bounds would apply to the body sizes too: only the SDK does that
+    aggregation = {SdkHistogram: ExplicitBucketHistogramAggregation(DURATION_BUCKETS, True)}
+    metrics = mesh_metrics(provider_with(InMemoryMetricReader(preferred_aggregation=aggregation)))
+    assert metrics._bridge is None
 
 
 def test_a_reader_that_drops_histograms_gets_none() -> None:
@@ -371,7 +379,7 @@ def test_a_failing_bridge_keeps_the_sdks_own_metrics(
     with caplog.at_level(logging.ERROR, logger="meshlib.telemetry"):
         data = reader.get_metrics_data()
     assert set(metrics_of(data)) == {"meshlib.retries"}
-    assert "adding the duration histograms to a collection failed" in caplog.text
+    assert "adding the histograms to a collection failed" in caplog.text
 
 
 def test_a_reader_added_later_is_wired_at_the_next_refresh() -> None:
@@ -426,12 +434,7 @@ def test_a_reader_the_bridge_cannot_serve_turns_it_off_for_that_provider(
     record(metrics, None, [(0, 0.5), (0, 0.6)])
     assert [p.count for p in histogram(reader.get_metrics_data(), CLIENT).values()] == [2]
     # for good: this provider's storage now holds the instruments' data
-    assert (
-        sdk_metrics.bridge(
-            provider, metrics.client_duration, metrics.server_duration, DURATION_BUCKETS
-        )
-        is None
-    )
+    assert sdk_metrics.bridge(provider, [(metrics.client_duration, DURATION_BUCKETS)]) is None
 
 
 def test_a_new_provider_gets_new_recorders_and_an_old_one_its_cells_back() -> None:

@@ -25,7 +25,7 @@ from meshlib.resilience.deadline import INBOUND_DEADLINE
 from meshlib.security.inbound import InboundSecurity
 from meshlib.security.peer import INBOUND_AUTHORIZATION, cookies_of, peer_from_scope
 from meshlib.security.rbac import RequestFacts, authorize
-from meshlib.telemetry.metrics import METRICS
+from meshlib.telemetry.metrics import METRICS, content_length
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
 from meshlib.telemetry.tap import Tap
@@ -142,12 +142,16 @@ class MeshASGIMiddleware:
             await self.app(scope, receive, send)
             return
         status = 0
+        sent = 0  # response body bytes
         response_headers: list[tuple[bytes, bytes]] = []
         flags: list[str] = []
 
         async def observed_send(message: Message) -> None:
-            nonlocal status, response_headers
-            if message["type"] == "http.response.start":
+            nonlocal status, response_headers, sent
+            kind = message["type"]
+            if kind == "http.response.body":
+                sent += len(message.get("body", b""))
+            elif kind == "http.response.start":
                 status = message["status"]
                 response_headers = message.get("headers") or []
             await send(message)
@@ -192,6 +196,14 @@ class MeshASGIMiddleware:
                     key = (self.service, route, status // 100)
                     try:
                         (METRICS.server_recorders.get(key) or METRICS.server_recorder(key))(elapsed)
+                        sizes = METRICS.server_size_recorders.get(
+                            key
+                        ) or METRICS.server_size_recorder(key)
+                        length = content_length(headers.get("content-length"))
+                        if length is not None:
+                            sizes[0](length)
+                        if status:
+                            sizes[1](sent)
                         if status == 429 and "rate_limited" in flags:
                             METRICS.server_rate_limited(self.service, route)
                     except Exception:  # a metrics SDK must never break the request

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from meshlib.errors import RateLimitedError
-from meshlib.telemetry.metrics import METRICS
+from meshlib.telemetry.metrics import METRICS, ClientKey, content_length
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
 from meshlib.telemetry.tracing import TRACING, UNSAMPLED, ClientTrace, current_context, roll
@@ -98,6 +98,7 @@ class ClientTelemetry:
                 )
                 try:
                     (METRICS.client_recorders.get(key) or METRICS.client_recorder(key))(elapsed)
+                    self._record_sizes(key, request, response)
                 except Exception:  # a metrics SDK must never cost the caller its response
                     log.exception("recording the request's metrics failed")
         if trace is not None:
@@ -119,6 +120,20 @@ class ClientTelemetry:
             trace.finish(None, error)
         if self._observers.tap.active or telemetry.access_log:
             self._observe(decision, request, None, error, elapsed)
+
+    @staticmethod
+    def _record_sizes(key: ClientKey, request: httpx.Request, response: httpx.Response) -> None:
+        """Body sizes as the Content-Length headers declare them (the response's body
+        is not read yet; without the header its size is not recorded)."""
+        received = content_length(response.headers.get("content-length"))
+        sent = content_length(request.headers.get("content-length"))
+        if received is None and sent is None:
+            return
+        sizes = METRICS.client_size_recorders.get(key) or METRICS.client_size_recorder(key)
+        if sent is not None:
+            sizes[0](sent)
+        if received is not None:
+            sizes[1](received)
 
     def _record_error(self, decision: Decision, error: Exception, seconds: float) -> None:
         try:

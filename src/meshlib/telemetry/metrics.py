@@ -107,6 +107,21 @@ DURATION_BUCKETS = (
     7.5,
     10.0,
 )
+SIZE_BUCKETS = (
+    0.0,
+    64.0,
+    256.0,
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262144.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    67108864.0,
+)
+"""Bucket bounds for body sizes in bytes: powers of four from 64 B to 64 MiB (and 0)."""
 _CACHE_LIMIT = 4096
 """Recorders kept per cache; a policy names finitely many label sets, so this only
 guards against a caller that keeps changing it (the counts live on in the cells)."""
@@ -117,8 +132,19 @@ ServerKey = tuple[str, str, int]
 """(service, route, status // 100; 0 for no response)."""
 Attributes = dict[str, str]
 Key = TypeVar("Key", ClientKey, ServerKey)
+Made = TypeVar("Made")
 Recorder = Callable[[float], None]
-"""Records one duration, in seconds, for the label set it was made for."""
+"""Records one value (a duration in seconds, a size in bytes) for the label set and
+histogram it was made for."""
+SizeRecorders = tuple[Recorder, Recorder]
+"""(request body size, response body size) recorders of one label set."""
+
+
+def content_length(value: str | None) -> int | None:
+    """A Content-Length header's value, or None when absent or malformed."""
+    if value is None or not value.isdigit():
+        return None
+    return int(value)
 
 
 def status_class(hundreds: int) -> str:
@@ -148,11 +174,17 @@ class Metrics:
         self.check_at = -math.inf
         self.client_duration: Histogram = NoOpHistogram("none")
         self.server_duration: Histogram = NoOpHistogram("none")
+        self.client_request_size: Histogram = NoOpHistogram("none")
+        self.client_response_size: Histogram = NoOpHistogram("none")
+        self.server_request_size: Histogram = NoOpHistogram("none")
+        self.server_response_size: Histogram = NoOpHistogram("none")
         self.client_recorders: dict[ClientKey, Recorder] = {}
         self.server_recorders: dict[ServerKey, Recorder] = {}
+        self.client_size_recorders: dict[ClientKey, SizeRecorders] = {}
+        self.server_size_recorders: dict[ServerKey, SizeRecorders] = {}
         self._bridge: Bridge | None = None
         # what the cached recorders were made for: (bridge, client and server histograms)
-        self._recording: tuple[object, object, object] = (None, None, None)
+        self._recording: tuple[object, ...] = ()
         self._recording_lock = threading.Lock()
         self.retries: Counter = NoOpCounter("none")
         self.hedges: Counter = NoOpCounter("none")
@@ -191,12 +223,26 @@ class Metrics:
         recorder caches when that changes."""
         with self._recording_lock:
             bridge = self._bridge_for(provider) if provider is not None else None
-            recording = (bridge, self.client_duration, self.server_duration)
-            if any(a is not b for a, b in zip(recording, self._recording, strict=True)):
+            recording = (bridge, *self._histograms())
+            if len(recording) != len(self._recording) or any(
+                a is not b for a, b in zip(recording, self._recording, strict=True)
+            ):
                 self._bridge = bridge
                 self._recording = recording
                 self.client_recorders = {}
                 self.server_recorders = {}
+                self.client_size_recorders = {}
+                self.server_size_recorders = {}
+
+    def _histograms(self) -> tuple[Histogram, ...]:
+        return (
+            self.client_duration,
+            self.server_duration,
+            self.client_request_size,
+            self.client_response_size,
+            self.server_request_size,
+            self.server_response_size,
+        )
 
     def _bridge_for(self, provider: MeterProvider) -> Bridge | None:
         if "opentelemetry.sdk.metrics" not in sys.modules:
@@ -207,9 +253,8 @@ class Metrics:
             bridge = self._bridge
             if bridge is not None and bridge.provider is provider:
                 return bridge if bridge.sync() else None
-            return sdk_metrics.bridge(
-                provider, self.client_duration, self.server_duration, DURATION_BUCKETS
-            )
+            bounds = (DURATION_BUCKETS, DURATION_BUCKETS, *[SIZE_BUCKETS] * 4)
+            return sdk_metrics.bridge(provider, list(zip(self._histograms(), bounds, strict=True)))
         except Exception:  # record through the API rather than not at all
             log.exception("meshlib: the SDK bridge for the duration histograms failed")
             return None
@@ -227,6 +272,18 @@ class Metrics:
             "Duration of requests served through mesh.asgi.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
+        for side, served in (
+            ("client", "calls made with mesh clients"),
+            ("server", "requests served through mesh.asgi"),
+        ):
+            for part in ("request", "response"):
+                histogram = meter.create_histogram(
+                    f"http.{side}.{part}.body.size",
+                    "By",
+                    f"Body size of the {part}s of {served}, when known.",
+                    explicit_bucket_boundaries_advisory=SIZE_BUCKETS,
+                )
+                setattr(self, f"{side}_{part}_size", histogram)
         self.retries = meter.create_counter(
             "meshlib.retries", "{retry}", "Retries sent by the attempt loop."
         )
@@ -267,36 +324,70 @@ class Metrics:
     # -- recorders (slow path: once per label set) ------------------------------------
 
     def client_recorder(self, key: ClientKey) -> Recorder:
-        """The recorder of ``key``'s label set, now in `client_recorders`."""
+        """The duration recorder of ``key``'s label set, now in `client_recorders`."""
+        return self._recorder(self.client_recorders, key, self._client_attributes(key), "client")
+
+    def server_recorder(self, key: ServerKey) -> Recorder:
+        """The duration recorder of ``key``'s label set, now in `server_recorders`."""
+        return self._recorder(self.server_recorders, key, self._server_attributes(key), "server")
+
+    @staticmethod
+    def _client_attributes(key: ClientKey) -> Attributes:
         source, destination, route, subset, hundreds = key
-        attributes = {
+        return {
             SOURCE: source or "",
             DESTINATION: destination,
             ROUTE: route,
             SUBSET: subset or "",
             STATUS_CLASS: status_class(hundreds),
         }
-        return self._recorder(self.client_recorders, key, attributes, "client")
 
-    def server_recorder(self, key: ServerKey) -> Recorder:
-        """The recorder of ``key``'s label set, now in `server_recorders`."""
+    @staticmethod
+    def _server_attributes(key: ServerKey) -> Attributes:
         service, route, hundreds = key
-        attributes = {DESTINATION: service, ROUTE: route, STATUS_CLASS: status_class(hundreds)}
-        return self._recorder(self.server_recorders, key, attributes, "server")
+        return {DESTINATION: service, ROUTE: route, STATUS_CLASS: status_class(hundreds)}
+
+    def client_size_recorder(self, key: ClientKey) -> SizeRecorders:
+        """The body size recorders of ``key``'s label set, now in
+        `client_size_recorders`."""
+        attributes = self._client_attributes(key)
+        return self._sizes(self.client_size_recorders, key, attributes, "client")
+
+    def server_size_recorder(self, key: ServerKey) -> SizeRecorders:
+        """The body size recorders of ``key``'s label set, now in
+        `server_size_recorders`."""
+        attributes = self._server_attributes(key)
+        return self._sizes(self.server_size_recorders, key, attributes, "server")
 
     def _recorder(
         self, cache: dict[Key, Recorder], key: Key, attributes: Attributes, side: str
     ) -> Recorder:
         with self._recording_lock:  # not made for a mode that `refresh` just replaced
-            bridge = self._bridge
-            if bridge is not None:
-                histograms = bridge.client if side == "client" else bridge.server
-                recorder: Recorder = histograms.cell(attributes).record
-            else:
-                histogram = self.client_duration if side == "client" else self.server_duration
-                recorder = partial(histogram.record, attributes=attributes)
+            histogram = self.client_duration if side == "client" else self.server_duration
+            recorder = self._made(histogram, attributes)
             _remember(cache, key, recorder)
         return recorder
+
+    def _sizes(
+        self, cache: dict[Key, SizeRecorders], key: Key, attributes: Attributes, side: str
+    ) -> SizeRecorders:
+        with self._recording_lock:
+            if side == "client":
+                request, response = self.client_request_size, self.client_response_size
+            else:
+                request, response = self.server_request_size, self.server_response_size
+            recorders = (self._made(request, attributes), self._made(response, attributes))
+            _remember(cache, key, recorders)
+        return recorders
+
+    def _made(self, histogram: Histogram, attributes: Attributes) -> Recorder:
+        """A recorder for ``histogram`` and ``attributes``: the mesh's cell while the
+        bridge is on, the API's ``record`` otherwise (call with the recording lock)."""
+        bridge = self._bridge
+        if bridge is not None:
+            name: str = getattr(histogram, "name", "")  # SDK instruments have one
+            return bridge.families[name].cell(attributes).record
+        return partial(histogram.record, attributes=attributes)
 
     # -- slow paths -------------------------------------------------------------------
 
@@ -444,7 +535,7 @@ class Metrics:
         return carried + value
 
 
-def _remember(cache: dict[Key, Recorder], key: Key, recorder: Recorder) -> None:
+def _remember(cache: dict[Key, Made], key: Key, recorder: Made) -> None:
     if len(cache) >= _CACHE_LIMIT:
         cache.clear()
     cache[key] = recorder

@@ -1,5 +1,6 @@
-"""The mesh's two duration histograms, aggregated by the mesh and handed to an
-OpenTelemetry SDK MeterProvider's readers when they collect.
+"""The mesh's request histograms (durations and body sizes, client and server),
+aggregated by the mesh and handed to an OpenTelemetry SDK MeterProvider's readers
+when they collect.
 
 Why: the SDK's ``Histogram.record`` cleans, sorts and hashes the attributes of every
 measurement (about 6 µs with five attributes), over the mesh's whole per-request
@@ -163,24 +164,27 @@ class _Collect:
 
 
 class Bridge:
-    """Wires one SDK MeterProvider's readers to export the mesh's duration histograms.
+    """Wires one SDK MeterProvider's readers to export the mesh's histograms.
 
-    The request path calls ``client.cell(attributes).record`` (once per label set) and
-    then the cell's ``record``; readers collect through `extend`; `sync` re-checks the
+    The request path gets ``families[name].cell(attributes).record`` once per label
+    set and then calls it; readers collect through `extend`; `sync` re-checks the
     wiring (cheaply when nothing changed) and answers False once the bridge declined.
     """
 
     def __init__(
-        self, provider: SdkMeterProvider, client: Any, server: Any, bounds: tuple[float, ...]
+        self, provider: SdkMeterProvider, histograms: Sequence[tuple[Any, tuple[float, ...]]]
     ) -> None:
         self.provider = provider
         self._config = _private(provider, "_sdk_config")
         self._consumer = _private(provider, "_measurement_consumer")
-        self._histogram_class: type = type(client)
-        self.client = _Family(client, bounds)
-        self.server = _Family(server, bounds)
-        self._families = (self.client, self.server)
-        self._scope: InstrumentationScope = client.instrumentation_scope
+        first = histograms[0][0]
+        self._histogram_class: type = type(first)
+        self.families = {
+            instrument.name: _Family(instrument, bounds) for instrument, bounds in histograms
+        }
+        """The mesh's histograms by instrument name."""
+        self._families = tuple(self.families.values())
+        self._scope: InstrumentationScope = first.instrumentation_scope
         self._readers: dict[Any, _Reader] = {}
         self._seen_storages: object = None
         self._seen_views: object = None
@@ -200,9 +204,9 @@ class Bridge:
                 self._sync()
                 return True
             except Declined as why:
-                log.info("meshlib: duration histograms recorded through the SDK API: %s", why)
+                log.info("meshlib: histograms recorded through the SDK API: %s", why)
             except Exception:
-                log.exception("meshlib: wiring the duration histograms to the SDK failed")
+                log.exception("meshlib: wiring the histograms to the SDK failed")
             self._decline()
             return False
 
@@ -256,8 +260,11 @@ class Bridge:
         if type(aggregation) is ExplicitBucketHistogramAggregation:
             boundaries = _private(aggregation, "_boundaries")
             min_max = _private(aggregation, "_record_min_max")
-            bounds = self.client.bounds
-            if (boundaries is None or tuple(boundaries) == bounds) and isinstance(min_max, bool):
+            # boundaries set on the reader apply to every histogram: each must match
+            fits = boundaries is None or all(
+                tuple(boundaries) == family.bounds for family in self._families
+            )
+            if fits and isinstance(min_max, bool):
                 return temporality, False, min_max
         raise Declined(f"a reader aggregates histograms with {aggregation!r}")
 
@@ -313,7 +320,7 @@ class Bridge:
                 return result
             return _merged(result, self._resource(), self._scope, metrics)
         except Exception:  # the SDK's own metrics must still get through
-            log.exception("meshlib: adding the duration histograms to a collection failed")
+            log.exception("meshlib: adding the histograms to a collection failed")
             return result
 
     def _resource(self) -> Resource:
@@ -427,22 +434,23 @@ def _scope_metrics(scope: InstrumentationScope, metrics: list[Metric]) -> ScopeM
 
 
 def bridge(
-    provider: object, client: object, server: object, bounds: tuple[float, ...]
+    provider: object, histograms: Sequence[tuple[object, tuple[float, ...]]]
 ) -> Bridge | None:
-    """The bridge that exports ``client`` and ``server`` (the mesh's SDK histogram
-    instruments) through ``provider``'s readers, wired and checked; None when the mesh
-    must record through the API (not the SDK's provider, or the bridge declined)."""
+    """The bridge that exports ``histograms`` (the mesh's SDK histogram instruments,
+    each with its bucket bounds) through ``provider``'s readers, wired and checked;
+    None when the mesh must record through the API (not the SDK's provider, or the
+    bridge declined)."""
     if not isinstance(provider, SdkMeterProvider) or provider in _DECLINED:
         return None
-    if not (isinstance(client, SdkHistogram) and isinstance(server, SdkHistogram)):
+    if not histograms or not all(isinstance(h, SdkHistogram) for h, _ in histograms):
         return None  # instruments of another provider: the mesh is switching
     try:
-        found = _wired(provider) or Bridge(provider, client, server, bounds)
+        found = _wired(provider) or Bridge(provider, histograms)
     except Exception as error:  # once: not again at every refresh
         if isinstance(error, Declined):
-            log.info("meshlib: duration histograms recorded through the SDK API: %s", error)
+            log.info("meshlib: histograms recorded through the SDK API: %s", error)
         else:
-            log.exception("meshlib: wiring the duration histograms to the SDK failed")
+            log.exception("meshlib: wiring the histograms to the SDK failed")
         _DECLINED.add(provider)
         return None
     return found if found.sync() else None
