@@ -8,6 +8,7 @@ afterwards, so the other modules run as without a provider.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -288,20 +289,37 @@ async def _sized(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def test_body_sizes_on_both_sides(reader: InMemoryMetricReader) -> None:
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_body_sizes_on_both_sides(reader: InMemoryMetricReader, kind: str) -> None:
     server_mesh = Mesh({}, service="echo")
     server = ServerThread(server_mesh.asgi(_sized)).start()
     try:
         policy = {"services": {"echo": {"endpoints": [{"address": server.address}]}}}
-        with Mesh(policy, service="checkout") as mesh, mesh.http_client() as client:
-            for n in (10, 300):
-                assert len(client.post("http://echo/orders", content=b"x" * n).content) == n + 5
-            assert len(client.get("http://echo/orders").content) == 5
+        with Mesh(policy, service="checkout") as mesh:
+            if kind == "sync":
+                with mesh.http_client() as client:
+                    lengths = [
+                        len(client.post("http://echo/orders", content=b"x" * n).content)
+                        for n in (10, 300)
+                    ] + [len(client.get("http://echo/orders").content)]
+            else:
+
+                async def calls() -> list[int]:
+                    async with mesh.async_http_client() as client:
+                        posted = [
+                            await client.post("http://echo/orders", content=b"x" * n)
+                            for n in (10, 300)
+                        ]
+                        fetched = await client.get("http://echo/orders")
+                    return [len(response.content) for response in (*posted, fetched)]
+
+                lengths = asyncio.run(calls())
+        assert lengths == [15, 305, 5]
     finally:
         server.stop()
         server_mesh.close()
     # the client: the bodies it sent with a Content-Length (not the GET's), and the
-    # answers' declared lengths
+    # bytes of the answers it read
     assert sizes(reader, "http.client.request.body.size") == (2, 310)
     assert sizes(reader, "http.client.response.body.size") == (3, 15 + 305 + 5)
     # the server: the same bytes, the answers counted as mesh.asgi sent them

@@ -25,7 +25,7 @@ from meshlib.resilience.deadline import INBOUND_DEADLINE
 from meshlib.security.inbound import InboundSecurity
 from meshlib.security.peer import INBOUND_AUTHORIZATION, cookies_of, peer_from_scope
 from meshlib.security.rbac import RequestFacts, authorize
-from meshlib.telemetry.metrics import METRICS, content_length
+from meshlib.telemetry.metrics import METRICS
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
 from meshlib.telemetry.tap import Tap
@@ -199,9 +199,9 @@ class MeshASGIMiddleware:
                         sizes = METRICS.server_size_recorders.get(
                             key
                         ) or METRICS.server_size_recorder(key)
-                        length = content_length(headers.get("content-length"))
-                        if length is not None:
-                            sizes[0](length)
+                        declared = headers.decoded().get("content-length")
+                        if declared is not None and declared.isdigit():
+                            sizes[0](int(declared))
                         if status:
                             sizes[1](sent)
                         if status == 429 and "rate_limited" in flags:

@@ -20,6 +20,7 @@ from yarl import URL
 
 from meshlib.endpoint import Endpoint
 from meshlib.http.aiohttp_errors import aiohttp_errors
+from meshlib.http.counted import CountedBody
 from meshlib.http.plan import Plan, mirror_plan, plan_request
 from meshlib.http.resilient import run_async, send_once_async
 from meshlib.http.sync_transport import mirror_body
@@ -40,9 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshlib.http")
 
 
-class _AiohttpBody(httpx.AsyncByteStream):
+class _AiohttpBody(httpx.AsyncByteStream, CountedBody):
     """Response body streamed from aiohttp; releases the connection and the
-    endpoint's in-flight slot when closed."""
+    endpoint's in-flight slot when closed, and counts the bytes read."""
 
     def __init__(self, response: aiohttp.ClientResponse, endpoint: Endpoint) -> None:
         self._response = response
@@ -51,6 +52,7 @@ class _AiohttpBody(httpx.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         with aiohttp_errors():
             async for chunk in self._response.content.iter_chunked(65536):
+                self.received += len(chunk)
                 yield chunk
 
     async def aclose(self) -> None:
@@ -58,6 +60,7 @@ class _AiohttpBody(httpx.AsyncByteStream):
             self._endpoint.load.inflight -= 1
             self._endpoint = None
         self._response.release()
+        self._closed()
 
 
 class AsyncMeshTransport(httpx.AsyncBaseTransport):

@@ -14,6 +14,7 @@ import httpcore
 import httpx
 
 from meshlib.endpoint import Endpoint
+from meshlib.http.counted import CountedBody
 from meshlib.http.errors import httpcore_errors
 from meshlib.http.plan import Plan, mirror_plan, plan_request
 from meshlib.http.resilient import run_sync, send_once_sync
@@ -34,8 +35,9 @@ log = logging.getLogger("meshlib.http")
 _HEDGE_THREADS = 32
 
 
-class _EndpointStream(httpx.SyncByteStream):
-    """Response body that releases the endpoint's in-flight slot when closed."""
+class _EndpointStream(httpx.SyncByteStream, CountedBody):
+    """Response body that releases the endpoint's in-flight slot when closed, and
+    counts the bytes read."""
 
     def __init__(self, stream: Iterable[bytes], endpoint: Endpoint) -> None:
         self._stream = stream
@@ -43,7 +45,9 @@ class _EndpointStream(httpx.SyncByteStream):
 
     def __iter__(self) -> Iterator[bytes]:
         with httpcore_errors():
-            yield from self._stream
+            for chunk in self._stream:
+                self.received += len(chunk)
+                yield chunk
 
     def close(self) -> None:
         if self._endpoint is not None:
@@ -52,6 +56,7 @@ class _EndpointStream(httpx.SyncByteStream):
         close = getattr(self._stream, "close", None)
         if close is not None:
             close()
+        self._closed()
 
 
 class MeshTransport(httpx.BaseTransport):

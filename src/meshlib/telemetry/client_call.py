@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from meshlib.errors import RateLimitedError
-from meshlib.telemetry.metrics import METRICS, ClientKey, content_length
+from meshlib.http.counted import CountedBody
+from meshlib.telemetry.metrics import METRICS, ClientKey
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
 from meshlib.telemetry.tracing import TRACING, UNSAMPLED, ClientTrace, current_context, roll
@@ -123,17 +124,19 @@ class ClientTelemetry:
 
     @staticmethod
     def _record_sizes(key: ClientKey, request: httpx.Request, response: httpx.Response) -> None:
-        """Body sizes as the Content-Length headers declare them (the response's body
-        is not read yet; without the header its size is not recorded)."""
-        received = content_length(response.headers.get("content-length"))
-        sent = content_length(request.headers.get("content-length"))
-        if received is None and sent is None:
+        """The response body's size goes to its histogram when the application closes
+        it (a mesh body counts what was read); the request body's as its
+        Content-Length declares it (looked up unless the method is GET, whose body
+        has no meaning)."""
+        body = response.stream
+        sent = None if request.method == "GET" else request.headers.get("content-length")
+        if sent is None and not isinstance(body, CountedBody):
             return
         sizes = METRICS.client_size_recorders.get(key) or METRICS.client_size_recorder(key)
-        if sent is not None:
-            sizes[0](sent)
-        if received is not None:
-            sizes[1](received)
+        if isinstance(body, CountedBody):
+            body.on_close = sizes[1]
+        if sent is not None and sent.isdigit():
+            sizes[0](int(sent))
 
     def _record_error(self, decision: Decision, error: Exception, seconds: float) -> None:
         try:

@@ -140,13 +140,6 @@ SizeRecorders = tuple[Recorder, Recorder]
 """(request body size, response body size) recorders of one label set."""
 
 
-def content_length(value: str | None) -> int | None:
-    """A Content-Length header's value, or None when absent or malformed."""
-    if value is None or not value.isdigit():
-        return None
-    return int(value)
-
-
 def status_class(hundreds: int) -> str:
     return f"{hundreds}xx" if hundreds > 0 else "error"
 
