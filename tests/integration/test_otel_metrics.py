@@ -328,3 +328,35 @@ def test_body_sizes_on_both_sides(reader: InMemoryMetricReader, kind: str) -> No
     (point,) = points(reader, "http.client.response.body.size")
     assert dict(point.attributes)["mesh.destination"] == "echo"
     assert point.explicit_bounds[:3] == (0.0, 64.0, 256.0)
+
+
+def test_endpoint_and_path_labels_only_when_asked(reader: InMemoryMetricReader) -> None:
+    telemetry = {"metric_labels": ["endpoint", "path"]}
+    server_mesh = Mesh({"telemetry": telemetry}, service="echo")
+    server = ServerThread(server_mesh.asgi(EchoApp("echo"))).start()
+    address = server.address
+    try:
+        policy = {
+            "telemetry": telemetry,
+            "services": {"echo": {"endpoints": [{"address": address}]}},
+        }
+        with Mesh(policy, service="checkout") as mesh, mesh.http_client() as client:
+            for path in ("/a", "/b", "/a"):
+                assert client.get(f"http://echo{path}?q=1").status_code == 200
+    finally:
+        server.stop()
+        server_mesh.close()
+    client_points = points(reader, "http.client.request.duration")
+    assert {
+        (p.attributes["mesh.endpoint"], p.attributes["url.path"]): p.count for p in client_points
+    } == {(address, "/a"): 2, (address, "/b"): 1}
+    server_points = points(reader, "http.server.request.duration")
+    assert {p.attributes["url.path"]: p.count for p in server_points} == {"/a": 2, "/b": 1}
+    assert all("mesh.endpoint" not in p.attributes for p in server_points)
+    sized = points(reader, "http.client.response.body.size")
+    assert {p.attributes["url.path"] for p in sized} == {"/a", "/b"}
+
+
+def test_metric_labels_are_checked() -> None:
+    with pytest.raises(ConfigError, match="metric_labels"):
+        Mesh({"telemetry": {"metric_labels": ["peer_ip"]}})

@@ -323,6 +323,9 @@ class TelemetryConfig(Strict):
     # the golden-metric windows (mesh.stats(), the graph, /metrics) and the
     # OpenTelemetry metrics (while a MeterProvider is installed); false: neither
     metrics: bool = True
+    # labels the OpenTelemetry request metrics leave out unless asked: the endpoint
+    # called (client side) and the request path (both sides); unbounded in general
+    metric_labels: list[Literal["endpoint", "path"]] = Field(default_factory=list)
 
     @field_validator("redact_headers")
     @classmethod

@@ -25,7 +25,7 @@ from meshlib.resilience.deadline import INBOUND_DEADLINE
 from meshlib.security.inbound import InboundSecurity
 from meshlib.security.peer import INBOUND_AUTHORIZATION, cookies_of, peer_from_scope
 from meshlib.security.rbac import RequestFacts, authorize
-from meshlib.telemetry.metrics import METRICS
+from meshlib.telemetry.metrics import METRICS, PATH, ServerKey
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
 from meshlib.telemetry.tap import Tap
@@ -193,7 +193,9 @@ class MeshASGIMiddleware:
             if telemetry.metrics:
                 self._stats.inbound(self.service, route).record(0 < status < 500, elapsed)
                 if METRICS.on:  # one call to a recorder made once per label set
-                    key = (self.service, route, status // 100)
+                    key: ServerKey = (self.service, route, status // 100)
+                    if "path" in telemetry.metric_labels:
+                        key = (*key, ((PATH, scope.get("path", "/")),))
                     try:
                         (METRICS.server_recorders.get(key) or METRICS.server_recorder(key))(elapsed)
                         sizes = METRICS.server_size_recorders.get(

@@ -16,7 +16,7 @@ import httpx
 
 from meshlib.errors import RateLimitedError
 from meshlib.http.counted import CountedBody
-from meshlib.telemetry.metrics import METRICS, ClientKey
+from meshlib.telemetry.metrics import ENDPOINT, METRICS, PATH, ClientKey, Extra
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
 from meshlib.telemetry.tracing import TRACING, UNSAMPLED, ClientTrace, current_context, roll
@@ -32,6 +32,25 @@ log = logging.getLogger("meshlib.http")
 Call = tuple[Any, "Window | None", float, "ClientTrace | None"]
 """``begin``'s answer: the telemetry settings in force, the window, the start time
 (perf_counter) and the trace (None: not traced)."""
+
+
+def _asked(
+    labels: list[str],
+    decision: Decision,
+    request: httpx.Request,
+    response: httpx.Response | None,
+) -> Extra:
+    """The labels ``telemetry.metric_labels`` asks for: the endpoint that answered
+    (the last attempt's) and the request path."""
+    out = []
+    for label in labels:
+        if label == "endpoint":
+            report = response.extensions.get("mesh") if response is not None else None
+            endpoint = report.get("endpoint") if report else None
+            out.append((ENDPOINT, endpoint or decision.endpoint.address))
+        elif label == "path":
+            out.append((PATH, request.url.path))
+    return tuple(out)
 
 
 class ClientTelemetry:
@@ -90,13 +109,15 @@ class ClientTelemetry:
             status = response.status_code
             window.record(status < 500, elapsed)
             if METRICS.on:  # one call to a recorder made once per label set
-                key = (
+                key: ClientKey = (
                     self._caller,
                     decision.service.name,
                     decision.route.name,
                     decision.cluster.subset,
                     status // 100,
                 )
+                if telemetry.metric_labels:
+                    key = (*key, _asked(telemetry.metric_labels, decision, request, response))
                 try:
                     (METRICS.client_recorders.get(key) or METRICS.client_recorder(key))(elapsed)
                     self._record_sizes(key, request, response)
@@ -116,7 +137,7 @@ class ClientTelemetry:
         if window is not None:
             window.record(False, elapsed)
             if METRICS.on:
-                self._record_error(decision, error, elapsed)
+                self._record_error(telemetry.metric_labels, decision, request, error, elapsed)
         if trace is not None:
             trace.finish(None, error)
         if self._observers.tap.active or telemetry.access_log:
@@ -138,15 +159,24 @@ class ClientTelemetry:
         if sent is not None and sent.isdigit():
             sizes[0](int(sent))
 
-    def _record_error(self, decision: Decision, error: Exception, seconds: float) -> None:
+    def _record_error(
+        self,
+        labels: list[str],
+        decision: Decision,
+        request: httpx.Request,
+        error: Exception,
+        seconds: float,
+    ) -> None:
         try:
-            key = (
+            key: ClientKey = (
                 self._caller,
                 decision.service.name,
                 decision.route.name,
                 decision.cluster.subset,
                 0,
             )
+            if labels:
+                key = (*key, _asked(labels, decision, request, None))
             (METRICS.client_recorders.get(key) or METRICS.client_recorder(key))(seconds)
             if isinstance(error, RateLimitedError):
                 METRICS.client_rate_limited(

@@ -126,10 +126,18 @@ _CACHE_LIMIT = 4096
 """Recorders kept per cache; a policy names finitely many label sets, so this only
 guards against a caller that keeps changing it (the counts live on in the cells)."""
 
-ClientKey = tuple["str | None", str, str, "str | None", int]
-"""(source, destination, route, subset, status // 100; 0 for no response)."""
-ServerKey = tuple[str, str, int]
-"""(service, route, status // 100; 0 for no response)."""
+Extra = tuple[tuple[str, str], ...]
+"""Labels asked for with ``telemetry.metric_labels``: (name, value) pairs."""
+ClientKey = (
+    tuple["str | None", str, str, "str | None", int]
+    | tuple["str | None", str, str, "str | None", int, Extra]
+)
+"""(source, destination, route, subset, status // 100; 0 for no response), and the
+labels asked for, if any."""
+ServerKey = tuple[str, str, int] | tuple[str, str, int, Extra]
+"""(service, route, status // 100; 0 for no response), and the labels asked for."""
+ENDPOINT = "mesh.endpoint"
+PATH = "url.path"
 Attributes = dict[str, str]
 Key = TypeVar("Key", ClientKey, ServerKey)
 Made = TypeVar("Made")
@@ -326,19 +334,25 @@ class Metrics:
 
     @staticmethod
     def _client_attributes(key: ClientKey) -> Attributes:
-        source, destination, route, subset, hundreds = key
-        return {
+        source, destination, route, subset, hundreds = key[:5]
+        attributes = {
             SOURCE: source or "",
             DESTINATION: destination,
             ROUTE: route,
             SUBSET: subset or "",
             STATUS_CLASS: status_class(hundreds),
         }
+        if len(key) == 6:
+            attributes.update(key[5])
+        return attributes
 
     @staticmethod
     def _server_attributes(key: ServerKey) -> Attributes:
-        service, route, hundreds = key
-        return {DESTINATION: service, ROUTE: route, STATUS_CLASS: status_class(hundreds)}
+        service, route, hundreds = key[:3]
+        attributes = {DESTINATION: service, ROUTE: route, STATUS_CLASS: status_class(hundreds)}
+        if len(key) == 4:
+            attributes.update(key[3])
+        return attributes
 
     def client_size_recorder(self, key: ClientKey) -> SizeRecorders:
         """The body size recorders of ``key``'s label set, now in
