@@ -126,3 +126,42 @@ def test_nothing_is_built_while_nobody_listens(monkeypatch: pytest.MonkeyPatch) 
     finally:
         server.stop()
         server_mesh.close()
+
+
+def test_a_call_whose_failure_ejects_an_endpoint_is_flagged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    good, bad = EchoApp("good"), EchoApp("bad", status=503)
+    up, down = ServerThread(good).start(), ServerThread(bad).start()
+    ejecting = {"consecutive_5xx": 1, "max_ejection_percent": 100}
+    try:
+        # one attempt (the fast lane): the 503 comes back, flagged
+        alone = client_policy(down.address, outlier_detection=ejecting)
+        alone["telemetry"] = {"access_log": True}
+        with (
+            Mesh(alone, service="checkout") as mesh,
+            caplog.at_level(logging.INFO, logger="meshlib.access"),
+            mesh.http_client() as client,
+        ):
+            failed = client.get("http://users/x")
+        # retried (the attempt loop): the retry answers, the call is flagged too
+        retrying = client_policy(
+            down.address,
+            up.address,
+            outlier_detection=ejecting,
+            retries={"attempts": 2, "on": ["5xx"], "backoff": {"base": "1ms", "max": "1ms"}},
+        )
+        with (
+            Mesh(retrying, service="checkout", rng=random.Random(1)) as mesh,
+            mesh.http_client() as client,
+        ):
+            replies = [client.get("http://users/y") for _ in range(2)]
+    finally:
+        up.stop()
+        down.stop()
+    assert failed.status_code == 503
+    assert failed.extensions["mesh"]["flags"] == ["ejected"]
+    [line] = [json.loads(r.getMessage()) for r in caplog.records if r.name == "meshlib.access"]
+    assert line["flags"] == ["ejected"] and line["trace_id"] == ""
+    flagged = [r.extensions["mesh"]["flags"] for r in replies if "mesh" in r.extensions]
+    assert flagged == [["retried", "ejected"]]

@@ -12,6 +12,8 @@ on a parent's context.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,9 +160,12 @@ class Hops:
     c: EchoApp
     addresses: dict[str, str] = field(default_factory=dict)
 
-    def configure(self, ratio: float = 1.0, enabled: bool = True) -> None:
+    def configure(self, ratio: float = 1.0, enabled: bool = True, access_log: bool = False) -> None:
         policy = {
-            "telemetry": {"tracing": {"enabled": enabled, "sample_ratio": ratio}},
+            "telemetry": {
+                "tracing": {"enabled": enabled, "sample_ratio": ratio},
+                "access_log": access_log,
+            },
             "services": {
                 "a": {"endpoints": [{"address": self.addresses["a"]}]},
                 # a timeout makes a's calls resilient: the sync fast lane
@@ -337,17 +342,39 @@ def test_an_unsampled_request_starts_no_span_and_sends_no_context(
 
 
 @pytest.mark.parametrize("flags", ["00", "01"])
-def test_a_propagated_parent_is_followed(hops: Hops, recorded: Recorded, flags: str) -> None:
+def test_a_propagated_parent_is_followed(
+    hops: Hops, recorded: Recorded, flags: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """The parent's flag decides, whatever the ratio: unsampled, no span but the same
-    context (and baggage) all the way; sampled, a trace under the remote parent."""
-    hops.configure(ratio=0.0 if flags == "01" else 1.0)
+    context (and baggage) all the way; sampled, a trace under the remote parent.
+    Either way every access log line, on every hop and side, names the trace."""
+    hops.configure(ratio=0.0 if flags == "01" else 1.0, access_log=True)
     parent = f"00-{TRACE_ID}-{PARENT_ID}-{flags}"
-    with httpx.Client(timeout=CLIENT_TIMEOUT) as plain:
+    with (
+        caplog.at_level(logging.INFO, logger="meshlib.access"),
+        httpx.Client(timeout=CLIENT_TIMEOUT) as plain,
+    ):
         response = plain.get(
             f"http://{hops.addresses['a']}/start",
             headers={"traceparent": parent, "baggage": "tenant=acme"},
         )
+
+        def lines() -> list[dict[str, Any]]:
+            return [
+                json.loads(r.getMessage()) for r in caplog.records if r.name == "meshlib.access"
+            ]
+
+        # a, b: in and out; c: in (server lines come once the answer is sent)
+        wait_until(lambda: len(lines()) >= 5, "5 access log lines")
     assert response.status_code == 200
+    assert sorted((line["direction"], line["destination"]) for line in lines()) == [
+        ("inbound", "a"),
+        ("inbound", "b"),
+        ("inbound", "c"),
+        ("outbound", "b"),
+        ("outbound", "c"),
+    ]
+    assert {line["trace_id"] for line in lines()} == {TRACE_ID}
     seen = response.json()["headers"]
     assert seen["baggage"] == "tenant=acme"
     if flags == "00":

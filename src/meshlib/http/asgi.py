@@ -29,7 +29,14 @@ from meshlib.telemetry.metrics import METRICS, PATH, ServerKey
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
 from meshlib.telemetry.tap import Tap
-from meshlib.telemetry.tracing import TRACING, UNSAMPLED, ServerTrace, current_context, roll
+from meshlib.telemetry.tracing import (
+    TRACING,
+    UNSAMPLED,
+    ServerTrace,
+    current_context,
+    roll,
+    trace_id_hex,
+)
 
 if TYPE_CHECKING:
     from meshlib.config.store import SnapshotStore
@@ -219,7 +226,14 @@ class MeshASGIMiddleware:
                 scope.setdefault("extensions", {}).setdefault("mesh", {})["flags"] = flags
                 try:
                     observers.inbound(
-                        self.service, route, scope, status, response_headers, elapsed, error
+                        self.service,
+                        route,
+                        scope,
+                        status,
+                        response_headers,
+                        elapsed,
+                        error,
+                        trace_id_hex(server.trace_id if server is not None else 0),
                     )
                 except Exception:  # observing must never break the request
                     log.exception("tap or access log failed")

@@ -162,6 +162,15 @@ def _fault_response(status: int) -> httpx.Response:
     )
 
 
+def _flag_ejected(response: httpx.Response, endpoint: Endpoint) -> None:
+    """The fast lane's one attempt made outlier detection eject an endpoint."""
+    response.extensions["mesh"] = {
+        "attempts": 1,
+        "endpoint": endpoint.address,
+        "flags": ["ejected"],
+    }
+
+
 def run_sync(
     transport: MeshTransport,
     request: httpx.Request,
@@ -203,7 +212,9 @@ def run_sync(
         raise
     if span is not None:
         end_attempt(span, response.status_code, None)
-    if fastlane.settle(lane, endpoint.address, response.status_code):
+    if settled := fastlane.settle(lane, endpoint.address, response.status_code):
+        if settled == fastlane.EJECTED:
+            _flag_ejected(response, endpoint)
         return response
     return _loop_sync(transport, request, plan, fastlane.entry(lane, now), response, trace)
 
@@ -319,7 +330,9 @@ async def run_async(
         raise
     if span is not None:
         end_attempt(span, response.status_code, None)
-    if fastlane.settle(lane, endpoint.address, response.status_code):
+    if settled := fastlane.settle(lane, endpoint.address, response.status_code):
+        if settled == fastlane.EJECTED:
+            _flag_ejected(response, endpoint)
         return response
     entry = fastlane.entry(lane, now)
     return await _loop_async(transport, request, plan, entry, response, trace)

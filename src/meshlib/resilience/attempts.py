@@ -48,6 +48,7 @@ class CallControl:
         "_tried",
         "deadline",
         "deadline_source",
+        "ejected",
         "guard",
         "hedged",
         "hedges",
@@ -83,6 +84,7 @@ class CallControl:
         self._tried: set[str] = set()
         self._holds_retry_slot = False
         self.hedged = False
+        self.ejected = False  # an outcome of this call made outlier detection eject
         """Whether a backup attempt was sent."""
         self.retries = 0
         self.hedges = 0
@@ -201,8 +203,8 @@ class CallControl:
         """The next attempt after a response, or None to hand this response back."""
         address = attempt.endpoint.address
         self._tried.add(address)
-        if self.guard is not None:
-            self.guard.record(address, status, None)
+        if self.guard is not None and self.guard.record(address, status, None):
+            self.ejected = True
         policy = self.policy
         hedge = policy.hedge
         if hedge is not None and hedge.latencies is not None and status < 500 and attempt.started:
@@ -238,6 +240,8 @@ class CallControl:
         flags = []
         if attempt.number > 1:
             flags.append("hedged" if self.hedged else "retried")
+        if self.ejected:
+            flags.append("ejected")
         return {"attempts": attempt.number, "endpoint": attempt.endpoint.address, "flags": flags}
 
     def finish(self) -> None:
@@ -257,8 +261,8 @@ class CallControl:
     def _record(self, attempt: Attempt, status: int | None, error: str | None) -> None:
         address = attempt.endpoint.address  # a computed property: read it once
         self._tried.add(address)
-        if self.guard is not None:
-            self.guard.record(address, status, error)
+        if self.guard is not None and self.guard.record(address, status, error):
+            self.ejected = True
 
     def _next(self, attempt: Attempt, any_method: bool = False) -> Attempt | None:
         retry = self.policy.retry

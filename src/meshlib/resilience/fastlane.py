@@ -191,14 +191,22 @@ def entry(lane: Lane, now: float) -> Entry:
     return Entry(timeout, PER_TRY, deadline, source or ROUTE)
 
 
-def settle(lane: Lane, address: str, status: int) -> bool:
-    """The first attempt answered ``status``: True if that ends the call (recorded, slot
-    released); False if a retry is due, with nothing recorded or released."""
+ENDED = 1
+EJECTED = 2
+"""`settle`'s answer when the call ends and its outcome made outlier detection eject
+an endpoint (truthy, like `ENDED`)."""
+
+
+def settle(lane: Lane, address: str, status: int) -> int:
+    """The first attempt answered ``status``: `ENDED` (or `EJECTED`) if that ends the
+    call (recorded, slot released); 0 if a retry is due, with nothing recorded or
+    released."""
     if status in lane.retry_statuses:
-        return False
+        return 0
     guard = lane.guard
     if guard is None:
-        return True
+        return ENDED
+    ended = ENDED
     board = lane.board
     endpoint_breaker = board._breakers.get(address) if board is not None else None
     breaker = lane.service_breaker
@@ -223,8 +231,8 @@ def settle(lane: Lane, address: str, status: int) -> bool:
             host.ext_ok += 1
             host.c5xx = 0
             host.cgw = 0
-    else:
-        guard.record(address, status, None)
+    elif guard.record(address, status, None):
+        ended = EJECTED
     bulkhead = lane.bulkhead
     if bulkhead is not None:
         with bulkhead._lock:
@@ -232,7 +240,7 @@ def settle(lane: Lane, address: str, status: int) -> bool:
                 bulkhead._release_locked()  # hand the slot to the oldest waiter
             else:
                 bulkhead.inflight -= 1
-    return True
+    return ended
 
 
 def leave(lane: Lane) -> None:

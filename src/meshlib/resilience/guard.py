@@ -103,8 +103,9 @@ class ServiceGuard:
         """Half-open endpoint breakers admit a limited number of probes."""
         return self.breakers is None or self.breakers.allow(address)
 
-    def record(self, address: str, status: int | None, error: str | None) -> None:
-        """Feed one attempt's outcome to breakers and outlier detection."""
+    def record(self, address: str, status: int | None, error: str | None) -> bool:
+        """Feed one attempt's outcome to breakers and outlier detection; True if it
+        made outlier detection eject an endpoint."""
         breakers = self.breakers
         outlier = self.outlier
         if error is None and (status is None or status < FAILURE_STATUS):
@@ -115,7 +116,7 @@ class ServiceGuard:
                 self.cluster_breaker.record(True)
             if outlier is not None:
                 outlier.record(address, status=status)
-            return
+            return False
         if breakers is not None:
             breaker = breakers.for_key(address)
             before = breaker.state
@@ -129,6 +130,8 @@ class ServiceGuard:
             outlier.record(address, status=status, connect_failure=error == CONNECT_FAILURE)
             if outlier.ejected() is not ejected:  # an ejection: the next pick must see it
                 self._avoid_until = 0.0
+                return True
+        return False
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"unavailable": sorted(self.unavailable())}

@@ -19,7 +19,15 @@ from meshlib.http.counted import CountedBody
 from meshlib.telemetry.metrics import ENDPOINT, METRICS, PATH, ClientKey, Extra
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
-from meshlib.telemetry.tracing import TRACING, UNSAMPLED, ClientTrace, current_context, roll
+from meshlib.telemetry.tracing import (
+    TRACING,
+    UNSAMPLED,
+    ClientTrace,
+    call_trace_id,
+    current_context,
+    roll,
+    trace_id_hex,
+)
 from meshlib.telemetry.window import Window
 
 if TYPE_CHECKING:
@@ -126,7 +134,7 @@ class ClientTelemetry:
         if trace is not None:
             trace.finish(response, None)
         if self._observers.tap.active or telemetry.access_log:
-            self._observe(decision, request, response, None, elapsed)
+            self._observe(decision, request, response, None, elapsed, trace)
 
     def failed(
         self, call: Call, decision: Decision, request: httpx.Request, error: Exception
@@ -141,7 +149,7 @@ class ClientTelemetry:
         if trace is not None:
             trace.finish(None, error)
         if self._observers.tap.active or telemetry.access_log:
-            self._observe(decision, request, None, error, elapsed)
+            self._observe(decision, request, None, error, elapsed, trace)
 
     @staticmethod
     def _record_sizes(key: ClientKey, request: httpx.Request, response: httpx.Response) -> None:
@@ -192,6 +200,7 @@ class ClientTelemetry:
         response: httpx.Response | None,
         error: BaseException | None,
         seconds: float,
+        trace: ClientTrace | None,
     ) -> None:
         try:
             self._observers.outbound(
@@ -203,6 +212,7 @@ class ClientTelemetry:
                 response,
                 error,
                 seconds,
+                trace_id_hex(call_trace_id(trace)),
             )
         except Exception:  # observing must never break the call
             log.exception("tap or access log failed")

@@ -42,6 +42,7 @@ class Observers:
         response: httpx.Response | None,
         error: BaseException | None,
         seconds: float,
+        trace_id: str = "",
     ) -> None:
         """One call made by a mesh client (after it answered or failed)."""
         redacted = self._settings().redact_headers
@@ -66,6 +67,7 @@ class Observers:
             response_headers=redact(response.headers.raw, redacted) if response else (),
             peer="",
             flags=tuple(report.get("flags", ())),
+            trace_id=trace_id,
             request_body=_body(request, body_cap),
         )
         self.emit(event)
@@ -79,6 +81,7 @@ class Observers:
         response_headers: Iterable[tuple[bytes, bytes]],
         seconds: float,
         error: BaseException | None,
+        trace_id: str = "",
     ) -> None:
         """One request served through mesh.asgi (after the answer, or the failure)."""
         redacted = self._settings().redact_headers
@@ -102,6 +105,7 @@ class Observers:
             response_headers=redact(response_headers, redacted),
             peer=mesh.get("peer", ""),
             flags=tuple(mesh.get("flags", ())),
+            trace_id=trace_id,
         )
         self.emit(event)
 
@@ -117,7 +121,7 @@ def access_record(event: TapEvent) -> dict[str, Any]:
     return {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.timestamp))
         + f".{int(event.timestamp * 1000) % 1000:03d}Z",
-        "trace_id": "",
+        "trace_id": event.trace_id,
         "direction": event.direction,
         "source": event.source,
         "destination": event.destination,

@@ -78,7 +78,10 @@ class TapEvent:
     peer: str
     """The caller's verified SPIFFE ID (inbound with mTLS), else ``""``."""
     flags: tuple[str, ...]
-    """E.g. ``"retried"``, ``"hedged"``, ``"faulted"``, ``"denied"``."""
+    """E.g. ``"retried"``, ``"hedged"``, ``"ejected"``, ``"faulted"``, ``"denied"``."""
+    trace_id: str = ""
+    """The W3C trace id (32 hex digits) of the trace the request is part of, sampled
+    or not; ``""`` outside any trace."""
     request_body: bytes | None = None
     """Only when a subscription asked for bodies; at most its cap."""
     response_body: bytes | None = None
@@ -107,6 +110,7 @@ class TapEvent:
             "response_headers": [[name, value] for name, value in self.response_headers],
             "peer": self.peer,
             "flags": list(self.flags),
+            "trace_id": self.trace_id,
             "request_body": _b64(self.request_body),
             "response_body": _b64(self.response_body),
         }

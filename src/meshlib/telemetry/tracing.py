@@ -260,11 +260,11 @@ class Tracing:
                 else:
                     span = tracer.start_span(name, parent, SpanKind.SERVER, attributes)
                 attached = otel_context.attach(trace.set_span_in_context(span, parent))
-                return ServerTrace(span, attached, None)
+                return ServerTrace(span, attached, None, span.get_span_context().trace_id)
             # no span: pass on what came in (the parent, its flags, the baggage)
             passed = otel_context.attach(parent) if parent is not current else None
             unsampled = None if span_context.is_valid else UNSAMPLED.set(True)
-            return ServerTrace(None, passed, unsampled)
+            return ServerTrace(None, passed, unsampled, span_context.trace_id)
         except Exception:
             log.exception("tracing failed; the request goes on untraced")
             return None
@@ -602,17 +602,20 @@ class ServerTrace:
     """What `Tracing.start_server` set up for one request, undone by `finish`: the
     server span (None when not sampled), the attached context, the unsampled mark."""
 
-    __slots__ = ("_token", "_unsampled", "span")
+    __slots__ = ("_token", "_unsampled", "span", "trace_id")
 
     def __init__(
         self,
         span: Span | None,
         token: Token[Context] | None,
         unsampled: Token[bool] | None,
+        trace_id: int = 0,
     ) -> None:
         self.span = span
         self._token = token
         self._unsampled = unsampled
+        self.trace_id = trace_id
+        """The request's trace (its span's, or the caller's when not sampled); 0: none."""
 
     def finish(
         self, status: int, route: str, flags: list[str], error: BaseException | None
@@ -643,6 +646,20 @@ class ServerTrace:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def trace_id_hex(trace_id: int) -> str:
+    """A trace id as W3C writes it (32 hex digits), ``""`` for none (0)."""
+    return f"{trace_id:032x}" if trace_id else ""
+
+
+def call_trace_id(call: ClientTrace | None) -> int:
+    """The trace a client call is part of: its own spans' if sampled, else the
+    current span's (a parent passed on unsampled); 0 outside any trace."""
+    if call is not None:
+        return call.span.get_span_context().trace_id
+    context = trace.get_current_span(current_context()).get_span_context()
+    return context.trace_id if context.is_valid else 0
 
 
 def _set_status(span: Span, status: int, error_from: int) -> None:
