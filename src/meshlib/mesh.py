@@ -341,8 +341,9 @@ class Mesh:
 
         Iterate it (``for event in tap`` or ``async for``) and close it (it is a
         context manager); while no tap is open, requests build no events. Headers
-        such as authorization and cookies are redacted; request bodies appear only
-        with ``capture_bodies`` (a byte cap). A slow reader loses events (counted in
+        such as authorization and cookies are redacted; bodies appear only with
+        ``capture_bodies`` (a byte cap; a client event then waits until the
+        application closes the response). A slow reader loses events (counted in
         ``dropped``) instead of slowing requests down.
         """
         filter = TapFilter(

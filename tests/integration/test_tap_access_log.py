@@ -165,3 +165,42 @@ def test_a_call_whose_failure_ejects_an_endpoint_is_flagged(
     assert line["flags"] == ["ejected"] and line["trace_id"] == ""
     flagged = [r.extensions["mesh"]["flags"] for r in replies if "mesh" in r.extensions]
     assert flagged == [["retried", "ejected"]]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_bodies_only_for_a_tap_that_asks_and_cut_to_its_cap(kind: str) -> None:
+    app = EchoApp("users")  # answers JSON describing the request, body included
+    server_mesh, server = served(app)
+    try:
+        mesh = Mesh(client_policy(server.address), service="checkout")
+        with (
+            mesh,
+            mesh.tap("users", capture_bodies=12) as client_side,
+            mesh.tap("users") as without,
+            server_mesh.tap(direction="inbound", capture_bodies=12) as server_side,
+        ):
+            body = b"order=42&item=teapot"
+            if kind == "sync":
+                with mesh.http_client() as client:
+                    answer = client.post("http://users/orders", content=body).content
+            else:
+
+                async def post() -> bytes:
+                    async with mesh.async_http_client() as client:
+                        return (await client.post("http://users/orders", content=body)).content
+
+                answer = asyncio.run(post())
+            outbound = client_side.next(timeout=2)
+            plain = without.next(timeout=2)
+            inbound = server_side.next(timeout=2)
+    finally:
+        server.stop()
+        server_mesh.close()
+    assert outbound is not None and plain is not None and inbound is not None
+    # the client: what it sent, and the answer once the application had read it
+    assert (outbound.request_body, outbound.response_body) == (body[:12], answer[:12])
+    # the server: what it received and what it answered
+    assert (inbound.request_body, inbound.response_body) == (body[:12], answer[:12])
+    # a tap that did not ask gets no bodies, from the same requests
+    assert (plain.request_body, plain.response_body) == (None, None)
+    assert json.loads(answer)["body"] == body.decode()

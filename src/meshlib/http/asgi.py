@@ -85,6 +85,30 @@ class _Headers(Mapping[str, str]):
         return len(self._decoded())
 
 
+class _Bodies:
+    """The first ``cap`` bytes of a request's and its answer's bodies, for a tap."""
+
+    __slots__ = ("cap", "request", "response")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.request = b""
+        self.response = b""
+
+    def keep(self, kept: bytes, more: bytes) -> bytes:
+        room = self.cap - len(kept)
+        return kept + more[:room] if room > 0 and more else kept
+
+    def receiving(self, receive: Receive) -> Receive:
+        async def captured() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                self.request = self.keep(self.request, message.get("body", b""))
+            return message
+
+        return captured
+
+
 async def _respond(send: Send, status: int, text: str, headers: list[tuple[bytes, bytes]]) -> None:
     body = text.encode()
     await send(
@@ -152,16 +176,25 @@ class MeshASGIMiddleware:
         sent = 0  # response body bytes
         response_headers: list[tuple[bytes, bytes]] = []
         flags: list[str] = []
+        tap = self._observers.tap
+        # bodies only for a tap that asked for them, at most its cap
+        bodies = _Bodies(tap.body_cap) if tap.active and tap.body_cap > 0 else None
 
         async def observed_send(message: Message) -> None:
             nonlocal status, response_headers, sent
             kind = message["type"]
             if kind == "http.response.body":
-                sent += len(message.get("body", b""))
+                body = message.get("body", b"")
+                sent += len(body)
+                if bodies is not None:
+                    bodies.response = bodies.keep(bodies.response, body)
             elif kind == "http.response.start":
                 status = message["status"]
                 response_headers = message.get("headers") or []
             await send(message)
+
+        if bodies is not None:
+            receive = bodies.receiving(receive)
 
         started = time.perf_counter()
         headers = _Headers(scope.get("headers", []))
@@ -234,6 +267,8 @@ class MeshASGIMiddleware:
                         elapsed,
                         error,
                         trace_id_hex(server.trace_id if server is not None else 0),
+                        bodies.request if bodies is not None else None,
+                        bodies.response if bodies is not None else None,
                     )
                 except Exception:  # observing must never break the request
                     log.exception("tap or access log failed")

@@ -52,7 +52,7 @@ class _AiohttpBody(httpx.AsyncByteStream, CountedBody):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         with aiohttp_errors():
             async for chunk in self._response.content.iter_chunked(65536):
-                self.received += len(chunk)
+                self._read(chunk)
                 yield chunk
 
     async def aclose(self) -> None:

@@ -1,7 +1,8 @@
 """Response bodies that count the bytes the application reads, for the body size
-histograms: the mesh's transports wrap every answer in one (it also gives the
-endpoint's in-flight slot back when closed), and the call's telemetry says where the
-count goes when the body is closed."""
+histograms, and keep the first ones for a tap that asked for bodies: the mesh's
+transports wrap every answer in one (it also gives the endpoint's in-flight slot back
+when closed), and the call's telemetry says where the count and the kept bytes go
+when the body is closed."""
 
 from __future__ import annotations
 
@@ -10,15 +11,42 @@ from collections.abc import Callable
 SizeRecorder = Callable[[float], None]
 
 
+class Capture:
+    """The first ``cap`` bytes of a body, handed to ``done`` when it is closed."""
+
+    __slots__ = ("cap", "data", "done")
+
+    def __init__(self, cap: int, done: Callable[[bytes], None]) -> None:
+        self.cap = cap
+        self.data = b""
+        self.done = done
+
+    def keep(self, chunk: bytes) -> None:
+        room = self.cap - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
+
+
 class CountedBody:
     """The part of a mesh response body that counts what was read."""
 
     received = 0
     on_close: SizeRecorder | None = None
     """Gets the byte count once, when the body is closed (set by telemetry)."""
+    capture: Capture | None = None
+    """Keeps the first bytes read for a tap (set by telemetry)."""
+
+    def _read(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.capture is not None:
+            self.capture.keep(chunk)
 
     def _closed(self) -> None:
         recorder = self.on_close
         if recorder is not None:
             self.on_close = None
             recorder(self.received)
+        capture = self.capture
+        if capture is not None:
+            self.capture = None
+            capture.done(capture.data)

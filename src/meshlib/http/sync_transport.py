@@ -46,7 +46,7 @@ class _EndpointStream(httpx.SyncByteStream, CountedBody):
     def __iter__(self) -> Iterator[bytes]:
         with httpcore_errors():
             for chunk in self._stream:
-                self.received += len(chunk)
+                self._read(chunk)
                 yield chunk
 
     def close(self) -> None:

@@ -43,8 +43,10 @@ class Observers:
         error: BaseException | None,
         seconds: float,
         trace_id: str = "",
+        response_body: bytes | None = None,
     ) -> None:
-        """One call made by a mesh client (after it answered or failed)."""
+        """One call made by a mesh client (after it answered or failed; the answer's
+        body only for a tap that asked for bodies, once the application read it)."""
         redacted = self._settings().redact_headers
         report: dict[str, Any] = {}
         if response is not None:
@@ -69,6 +71,7 @@ class Observers:
             flags=tuple(report.get("flags", ())),
             trace_id=trace_id,
             request_body=_body(request, body_cap),
+            response_body=response_body,
         )
         self.emit(event)
 
@@ -82,8 +85,11 @@ class Observers:
         seconds: float,
         error: BaseException | None,
         trace_id: str = "",
+        request_body: bytes | None = None,
+        response_body: bytes | None = None,
     ) -> None:
-        """One request served through mesh.asgi (after the answer, or the failure)."""
+        """One request served through mesh.asgi (after the answer, or the failure);
+        the bodies only for a tap that asked for them."""
         redacted = self._settings().redact_headers
         mesh = scope.get("extensions", {}).get("mesh") or {}
         headers = dict(scope.get("headers") or [])
@@ -106,6 +112,8 @@ class Observers:
             peer=mesh.get("peer", ""),
             flags=tuple(mesh.get("flags", ())),
             trace_id=trace_id,
+            request_body=request_body,
+            response_body=response_body,
         )
         self.emit(event)
 
