@@ -204,42 +204,32 @@ class ClientTelemetry:
     ) -> None:
         try:
             trace_id = trace_id_hex(call_trace_id(trace))
-            tap = self._observers.tap
-            body = response.stream if response is not None else None
-            if tap.active and tap.body_cap > 0 and isinstance(body, CountedBody):
-                # a tap wants the answer's body: the event waits until the
-                # application has read it and closed the response
-                def done(kept: bytes) -> None:
-                    self._emit(decision, request, response, None, seconds, trace_id, kept)
-
-                body.capture = Capture(tap.body_cap, done)
-                return
-            self._emit(decision, request, response, error, seconds, trace_id, None)
         except Exception:  # observing must never break the call
-            log.exception("tap or access log failed")
+            log.exception("reading the call's trace id failed")
+            trace_id = ""
 
-    def _emit(
-        self,
-        decision: Decision,
-        request: httpx.Request,
-        response: httpx.Response | None,
-        error: BaseException | None,
-        seconds: float,
-        trace_id: str,
-        response_body: bytes | None,
-    ) -> None:
-        try:
-            self._observers.outbound(
-                self._caller,
-                decision.service.name,
-                decision.route.name,
-                decision.endpoint.address,
-                request,
-                response,
-                error,
-                seconds,
-                trace_id,
-                response_body,
-            )
-        except Exception:  # observing must never break the call
-            log.exception("tap or access log failed")
+        def emit(response_body: bytes | None = None) -> None:
+            try:
+                self._observers.outbound(
+                    self._caller,
+                    decision.service.name,
+                    decision.route.name,
+                    decision.endpoint.address,
+                    request,
+                    response,
+                    error,
+                    seconds,
+                    trace_id,
+                    response_body,
+                )
+            except Exception:  # observing must never break the call
+                log.exception("tap or access log failed")
+
+        tap = self._observers.tap
+        body = response.stream if response is not None else None
+        if tap.active and tap.body_cap > 0 and isinstance(body, CountedBody):
+            # a tap wants the answer's body: the event waits until the application
+            # has read it and closed the response
+            body.capture = Capture(tap.body_cap, emit)
+            return
+        emit()
