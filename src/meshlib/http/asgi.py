@@ -78,6 +78,9 @@ class _Headers(Mapping[str, str]):
     def __getitem__(self, name: str) -> str:
         return self._decoded()[name.lower()]
 
+    def get(self, name: str, default: Any = None) -> Any:  # no KeyError raised and caught
+        return self._decoded().get(name.lower(), default)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._decoded())
 

@@ -36,6 +36,7 @@ import asyncio
 import logging
 import math
 import random
+import re
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar, Token
 from time import perf_counter
@@ -327,16 +328,13 @@ _PROPAGATED = {b"traceparent": b"traceparent", b"tracestate": b"tracestate", b"b
 _PROPAGATED_LENGTHS = frozenset(len(name) for name in _PROPAGATED)
 
 
-_HEX = frozenset("0123456789abcdef")
+_TRACEPARENT = re.compile("00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def _traceparent(value: str) -> trace.SpanContext | None:
     """The remote span of a version 00 ``traceparent`` in its exact form; None for
     anything else, which the propagator then reads (and may refuse)."""
-    if len(value) != 55 or value[:3] != "00-" or value[35] != "-" or value[52] != "-":
-        return None
-    digits = value.replace("-", "")
-    if len(digits) != 52 or not _HEX.issuperset(digits):
+    if _TRACEPARENT.fullmatch(value) is None:
         return None
     trace_id = int(value[3:35], 16)
     span_id = int(value[36:52], 16)
