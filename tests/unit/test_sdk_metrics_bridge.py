@@ -114,13 +114,13 @@ def record(metrics: Metrics, reference: Reference | None, values: Recorded) -> N
         if index < len(CLIENT_KEYS):
             client_key = CLIENT_KEYS[index]
             mesh = metrics.client_recorders.get(client_key) or metrics.client_recorder(client_key)
-            mesh(seconds)
+            mesh[0](seconds)
             if reference is not None:
                 reference.client.record(seconds, client_attributes(client_key))
         else:
             server_key = SERVER_KEYS[index - len(CLIENT_KEYS)]
             mesh = metrics.server_recorders.get(server_key) or metrics.server_recorder(server_key)
-            mesh(seconds)
+            mesh[0](seconds)
             if reference is not None:
                 reference.server.record(seconds, server_attributes(server_key))
 
@@ -465,7 +465,7 @@ def test_label_sets_past_the_limit_share_the_overflow_point_as_in_the_sdk() -> N
     reference = Reference(metrics, expected)
     for n in range(sdk_metrics.CARDINALITY_LIMIT + 3):
         key = ("checkout", f"service-{n}", "default", None, 2)
-        (metrics.client_recorders.get(key) or metrics.client_recorder(key))(0.01 * (n % 7))
+        (metrics.client_recorders.get(key) or metrics.client_recorder(key))[0](0.01 * (n % 7))
         reference.client.record(0.01 * (n % 7), client_attributes(key))
     got, want = reader.get_metrics_data(), expected.get_metrics_data()
     assert len(histogram(got, CLIENT)) == sdk_metrics.CARDINALITY_LIMIT + 1

@@ -240,15 +240,15 @@ class MeshASGIMiddleware:
                     if "path" in telemetry.metric_labels:
                         key = (*key, ((PATH, scope.get("path", "/")),))
                     try:
-                        (METRICS.server_recorders.get(key) or METRICS.server_recorder(key))(elapsed)
-                        sizes = METRICS.server_size_recorders.get(
+                        recorders = METRICS.server_recorders.get(key) or METRICS.server_recorder(
                             key
-                        ) or METRICS.server_size_recorder(key)
-                        declared = headers.decoded().get("content-length")
+                        )
+                        recorders[0](elapsed)
+                        declared = headers.get("content-length")
                         if declared is not None and declared.isdigit():
-                            sizes[0](int(declared))
+                            recorders[1](int(declared))
                         if status:
-                            sizes[1](sent)
+                            recorders[2](sent)
                         if status == 429 and "rate_limited" in flags:
                             METRICS.server_rate_limited(self.service, route)
                     except Exception:  # a metrics SDK must never break the request

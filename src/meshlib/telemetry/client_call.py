@@ -127,8 +127,18 @@ class ClientTelemetry:
                 if telemetry.metric_labels:
                     key = (*key, _asked(telemetry.metric_labels, decision, request, response))
                 try:
-                    (METRICS.client_recorders.get(key) or METRICS.client_recorder(key))(elapsed)
-                    self._record_sizes(key, request, response)
+                    recorders = METRICS.client_recorders.get(key) or METRICS.client_recorder(key)
+                    recorders[0](elapsed)
+                    # the answer's size when the application closes it (a mesh body
+                    # counts what was read); the request's as its Content-Length
+                    # declares it (not looked up for GET, whose body means nothing)
+                    body = response.stream
+                    if isinstance(body, CountedBody):
+                        body.on_close = recorders[2]
+                    if request.method != "GET":
+                        sent = request.headers.get("content-length")
+                        if sent is not None and sent.isdigit():
+                            recorders[1](int(sent))
                 except Exception:  # a metrics SDK must never cost the caller its response
                     log.exception("recording the request's metrics failed")
         if trace is not None:
@@ -151,22 +161,6 @@ class ClientTelemetry:
         if self._observers.tap.active or telemetry.access_log:
             self._observe(decision, request, None, error, elapsed, trace)
 
-    @staticmethod
-    def _record_sizes(key: ClientKey, request: httpx.Request, response: httpx.Response) -> None:
-        """The response body's size goes to its histogram when the application closes
-        it (a mesh body counts what was read); the request body's as its
-        Content-Length declares it (looked up unless the method is GET, whose body
-        has no meaning)."""
-        body = response.stream
-        sent = None if request.method == "GET" else request.headers.get("content-length")
-        if sent is None and not isinstance(body, CountedBody):
-            return
-        sizes = METRICS.client_size_recorders.get(key) or METRICS.client_size_recorder(key)
-        if isinstance(body, CountedBody):
-            body.on_close = sizes[1]
-        if sent is not None and sent.isdigit():
-            sizes[0](int(sent))
-
     def _record_error(
         self,
         labels: list[str],
@@ -185,7 +179,7 @@ class ClientTelemetry:
             )
             if labels:
                 key = (*key, _asked(labels, decision, request, None))
-            (METRICS.client_recorders.get(key) or METRICS.client_recorder(key))(seconds)
+            (METRICS.client_recorders.get(key) or METRICS.client_recorder(key))[0](seconds)
             if isinstance(error, RateLimitedError):
                 METRICS.client_rate_limited(
                     self._caller, decision.service.name, decision.route.name

@@ -24,7 +24,8 @@ Instruments, on the meter ``meshlib``:
 Labels are bounded: ``mesh.source`` (the calling service), ``mesh.destination``,
 ``mesh.route``, ``mesh.subset``, ``mesh.status_class`` (``2xx`` ... ``5xx``, or
 ``error`` without a response); never a path or an endpoint address. The request
-path looks up a recorder made once per label set and calls it with the duration.
+path looks up the recorders made once per label set (duration, request and response
+body sizes) and calls them.
 
 Recording. With the opentelemetry SDK's MeterProvider, the two duration histograms are
 aggregated by the mesh (`meshlib.telemetry.histogram`) and handed to the provider's
@@ -144,8 +145,9 @@ Made = TypeVar("Made")
 Recorder = Callable[[float], None]
 """Records one value (a duration in seconds, a size in bytes) for the label set and
 histogram it was made for."""
-SizeRecorders = tuple[Recorder, Recorder]
-"""(request body size, response body size) recorders of one label set."""
+Recorders = tuple[Recorder, Recorder, Recorder]
+"""The recorders of one label set: (duration, request body size, response body
+size)."""
 
 
 def status_class(hundreds: int) -> str:
@@ -155,7 +157,7 @@ def status_class(hundreds: int) -> str:
 class Metrics:
     """Whether a real MeterProvider is installed, and the instruments made with it.
 
-    The request path reads `check_at` and `on`, then calls the recorder of its label
+    The request path reads `check_at` and `on`, then calls the recorders of its label
     set from `client_recorders` or `server_recorders` (made by `client_recorder` or
     `server_recorder` on a miss); the rest runs on slow paths (retries, errors, breaker
     transitions, reloads) or in the observable callbacks when the SDK collects.
@@ -179,10 +181,8 @@ class Metrics:
         self.client_response_size: Histogram = NoOpHistogram("none")
         self.server_request_size: Histogram = NoOpHistogram("none")
         self.server_response_size: Histogram = NoOpHistogram("none")
-        self.client_recorders: dict[ClientKey, Recorder] = {}
-        self.server_recorders: dict[ServerKey, Recorder] = {}
-        self.client_size_recorders: dict[ClientKey, SizeRecorders] = {}
-        self.server_size_recorders: dict[ServerKey, SizeRecorders] = {}
+        self.client_recorders: dict[ClientKey, Recorders] = {}
+        self.server_recorders: dict[ServerKey, Recorders] = {}
         self._bridge: Bridge | None = None
         # what the cached recorders were made for: (bridge, client and server histograms)
         self._recording: tuple[object, ...] = ()
@@ -232,8 +232,6 @@ class Metrics:
                 self._recording = recording
                 self.client_recorders = {}
                 self.server_recorders = {}
-                self.client_size_recorders = {}
-                self.server_size_recorders = {}
 
     def _histograms(self) -> tuple[Histogram, ...]:
         return (
@@ -324,13 +322,17 @@ class Metrics:
 
     # -- recorders (slow path: once per label set) ------------------------------------
 
-    def client_recorder(self, key: ClientKey) -> Recorder:
-        """The duration recorder of ``key``'s label set, now in `client_recorders`."""
-        return self._recorder(self.client_recorders, key, self._client_attributes(key), "client")
+    def client_recorder(self, key: ClientKey) -> Recorders:
+        """The recorders of ``key``'s label set, now in `client_recorders`."""
+        attributes = self._client_attributes(key)
+        histograms = (self.client_duration, self.client_request_size, self.client_response_size)
+        return self._recorders(self.client_recorders, key, attributes, histograms)
 
-    def server_recorder(self, key: ServerKey) -> Recorder:
-        """The duration recorder of ``key``'s label set, now in `server_recorders`."""
-        return self._recorder(self.server_recorders, key, self._server_attributes(key), "server")
+    def server_recorder(self, key: ServerKey) -> Recorders:
+        """The recorders of ``key``'s label set, now in `server_recorders`."""
+        attributes = self._server_attributes(key)
+        histograms = (self.server_duration, self.server_request_size, self.server_response_size)
+        return self._recorders(self.server_recorders, key, attributes, histograms)
 
     @staticmethod
     def _client_attributes(key: ClientKey) -> Attributes:
@@ -354,36 +356,16 @@ class Metrics:
             attributes.update(key[3])
         return attributes
 
-    def client_size_recorder(self, key: ClientKey) -> SizeRecorders:
-        """The body size recorders of ``key``'s label set, now in
-        `client_size_recorders`."""
-        attributes = self._client_attributes(key)
-        return self._sizes(self.client_size_recorders, key, attributes, "client")
-
-    def server_size_recorder(self, key: ServerKey) -> SizeRecorders:
-        """The body size recorders of ``key``'s label set, now in
-        `server_size_recorders`."""
-        attributes = self._server_attributes(key)
-        return self._sizes(self.server_size_recorders, key, attributes, "server")
-
-    def _recorder(
-        self, cache: dict[Key, Recorder], key: Key, attributes: Attributes, side: str
-    ) -> Recorder:
+    def _recorders(
+        self,
+        cache: dict[Key, Recorders],
+        key: Key,
+        attributes: Attributes,
+        histograms: tuple[Histogram, Histogram, Histogram],
+    ) -> Recorders:
         with self._recording_lock:  # not made for a mode that `refresh` just replaced
-            histogram = self.client_duration if side == "client" else self.server_duration
-            recorder = self._made(histogram, attributes)
-            _remember(cache, key, recorder)
-        return recorder
-
-    def _sizes(
-        self, cache: dict[Key, SizeRecorders], key: Key, attributes: Attributes, side: str
-    ) -> SizeRecorders:
-        with self._recording_lock:
-            if side == "client":
-                request, response = self.client_request_size, self.client_response_size
-            else:
-                request, response = self.server_request_size, self.server_response_size
-            recorders = (self._made(request, attributes), self._made(response, attributes))
+            duration, request, response = (self._made(h, attributes) for h in histograms)
+            recorders = (duration, request, response)
             _remember(cache, key, recorders)
         return recorders
 
