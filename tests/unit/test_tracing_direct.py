@@ -440,7 +440,8 @@ def test_extract_reads_what_the_default_propagator_reads(
     if bag is not None:
         headers["baggage"] = bag
     context = otel_context.Context()
-    direct = state.extract(headers, context)
+    direct, found = state.extract(headers, context)
+    assert found == trace.get_current_span(direct).get_span_context()
     through = propagate.extract(headers, context)
     assert (
         trace.get_current_span(direct).get_span_context()

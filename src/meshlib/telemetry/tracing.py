@@ -176,16 +176,20 @@ class Tracing:
         self.on = tracer is not None
         self.check_at = (perf_counter() if now is None else now) + RECHECK_SECONDS
 
-    def extract(self, headers: Mapping[str, str], context: Context) -> Context:
+    def extract(
+        self, headers: Mapping[str, str], context: Context
+    ) -> tuple[Context, trace.SpanContext]:
         """``context`` with what the propagator finds in ``headers`` (lowercase
-        names): a ``traceparent`` alone, the common case, is read directly when the
-        propagator is the default one."""
+        names), and the span context found (invalid if none): a ``traceparent`` alone,
+        the common case, is read directly when the propagator is the default one."""
         if self.plain_propagation and "tracestate" not in headers and "baggage" not in headers:
             value = headers.get("traceparent")
             parsed = _traceparent(value) if value else None
             if parsed is not None:
-                return trace.set_span_in_context(trace.NonRecordingSpan(parsed), context)
-        return propagate.extract(headers, context)
+                span = trace.NonRecordingSpan(parsed)
+                return trace.set_span_in_context(span, context), parsed
+        found = propagate.extract(headers, context)
+        return found, trace.get_current_span(found).get_span_context()
 
     def start_client(
         self,
@@ -242,10 +246,13 @@ class Tracing:
         without a parent (a caller that already rolled passes 1.0)."""
         try:
             parent = current = current_context()
-            span_context = trace.get_current_span(parent).get_span_context()
+            span_context = (
+                trace.get_current_span(parent).get_span_context()
+                if parent
+                else trace.INVALID_SPAN_CONTEXT  # nothing current: no span in it
+            )
             if not span_context.is_valid and not self.fields.isdisjoint(headers):
-                parent = self.extract(headers, parent)
-                span_context = trace.get_current_span(parent).get_span_context()
+                parent, span_context = self.extract(headers, parent)
             if span_context.is_valid:
                 sampled = span_context.trace_flags.sampled
             else:
