@@ -8,6 +8,9 @@ Instruments, on the meter ``meshlib``:
 - ``http.server.request.duration`` (histogram, s): each request served by
   ``mesh.asgi``, the mesh's own refusals included; the request counts are the
   histograms' counts;
+- ``http.{client,server}.{request,response}.body.size`` (histograms, By): body sizes
+  with the durations' labels (a request's declared Content-Length; the bytes of an
+  answer as the client application read it or as ``mesh.asgi`` sent it);
 - ``meshlib.requests.inflight`` (observable up-down counter): attempts on the wire
   per destination;
 - ``meshlib.retries``, ``meshlib.hedges`` (counters): retries and hedged backups sent;
@@ -271,18 +274,11 @@ class Metrics:
             "Duration of requests served through mesh.asgi.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
-        for side, served in (
-            ("client", "calls made with mesh clients"),
-            ("server", "requests served through mesh.asgi"),
-        ):
-            for part in ("request", "response"):
-                histogram = meter.create_histogram(
-                    f"http.{side}.{part}.body.size",
-                    "By",
-                    f"Body size of the {part}s of {served}, when known.",
-                    explicit_bucket_boundaries_advisory=SIZE_BUCKETS,
-                )
-                setattr(self, f"{side}_{part}_size", histogram)
+        client, server = "calls made with mesh clients", "requests served through mesh.asgi"
+        self.client_request_size = _size_histogram(meter, "client", "request", client)
+        self.client_response_size = _size_histogram(meter, "client", "response", client)
+        self.server_request_size = _size_histogram(meter, "server", "request", server)
+        self.server_response_size = _size_histogram(meter, "server", "response", server)
         self.retries = meter.create_counter(
             "meshlib.retries", "{retry}", "Retries sent by the attempt loop."
         )
@@ -522,6 +518,15 @@ class Metrics:
                 carried += last
             self._carried[key] = (identity, value, carried)
         return carried + value
+
+
+def _size_histogram(meter: Meter, side: str, part: str, of: str) -> Histogram:
+    return meter.create_histogram(
+        f"http.{side}.{part}.body.size",
+        "By",
+        f"Body size of the {part}s of {of}, when known.",
+        explicit_bucket_boundaries_advisory=SIZE_BUCKETS,
+    )
 
 
 def _remember(cache: dict[Key, Made], key: Key, recorder: Made) -> None:
