@@ -6,7 +6,10 @@ when the body is closed."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+
+log = logging.getLogger("meshlib.http")
 
 SizeRecorder = Callable[[float], None]
 
@@ -42,11 +45,12 @@ class CountedBody:
             self.capture.keep(chunk)
 
     def _closed(self) -> None:
-        recorder = self.on_close
-        if recorder is not None:
-            self.on_close = None
-            recorder(self.received)
-        capture = self.capture
-        if capture is not None:
-            self.capture = None
-            capture.done(capture.data)
+        recorder, capture = self.on_close, self.capture
+        self.on_close = self.capture = None
+        try:
+            if recorder is not None:
+                recorder(self.received)
+            if capture is not None:
+                capture.done(capture.data)
+        except Exception:  # telemetry must never break closing the application's response
+            log.exception("recording a response body's size or tap event failed")
