@@ -484,3 +484,41 @@ def test_the_logical_span_shows_the_asked_url_and_attempts_the_rewritten_one() -
         trace.SpanKind.INTERNAL: "http://users:8080/api/x?sig=REDACTED&a=1",
         trace.SpanKind.CLIENT: "http://127.0.0.1:9/v2/x?sig=REDACTED&a=1",
     }
+
+
+@pytest.mark.parametrize("scenario", ["ok", "retried", "failed"])
+def test_the_otlp_exporter_encodes_direct_spans_as_sdk_spans(scenario: str) -> None:
+    """What an OTLP exporter sends is the same either way, once the ids and times that
+    differ between any two runs are cleared."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    parent = _parents()[2]
+    parent_span = trace.get_current_span(parent).get_span_context()
+    encoded = []
+    for direct in (True, False):
+        provider, exporter = _provider()
+        tracer = _tracer(provider)
+        sink = spans.sink_for(tracer) if direct else None
+
+        def start(plan: Any, request: Any) -> ClientTrace:
+            return ClientTrace(tracer, sink, plan, request, parent, parent_span, "front")  # noqa: B023
+
+        _drive(start, scenario, parent)
+        message = encode_spans(exporter.get_finished_spans())
+        names = []
+        for resource in message.resource_spans:
+            for scope in resource.scope_spans:
+                for span in scope.spans:
+                    names.append(span.name)
+                    for field in ("span_id", "parent_span_id"):
+                        span.ClearField(field)
+                    span.ClearField("start_time_unix_nano")
+                    span.ClearField("end_time_unix_nano")
+                    for event in span.events:
+                        event.ClearField("time_unix_nano")
+                        for attribute in event.attributes:
+                            if attribute.key == "exception.stacktrace":
+                                attribute.value.string_value = "..."
+        assert names
+        encoded.append(message.SerializeToString(deterministic=True))
+    assert encoded[0] == encoded[1]
