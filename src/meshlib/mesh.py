@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypedDict, TypeVar
 
 import httpx
 
@@ -68,6 +68,14 @@ def _sigterm_exits() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class _TransportParts(TypedDict):
+    rng: random.Random
+    caller: str | None
+    identity: IdentityProvider | None
+    stats: TrafficStats
+    observers: Observers
 
 
 class Mesh:
@@ -177,14 +185,7 @@ class Mesh:
         plain ``httpx.HTTPTransport``); ``limits`` bounds the endpoint pool.
         """
         return MeshTransport(
-            self._store,
-            passthrough=passthrough,
-            limits=limits,
-            rng=self._rng,
-            caller=self.service,
-            identity=self.identity,
-            stats=self._traffic,
-            observers=self._observers,
+            self._store, passthrough=passthrough, limits=limits, **self._transport_parts()
         )
 
     def async_transport(
@@ -197,15 +198,19 @@ class Mesh:
         from meshlib.http.async_transport import AsyncMeshTransport
 
         return AsyncMeshTransport(
-            self._store,
-            passthrough=passthrough,
-            limits=limits,
-            rng=self._rng,
-            caller=self.service,
-            identity=self.identity,
-            stats=self._traffic,
-            observers=self._observers,
+            self._store, passthrough=passthrough, limits=limits, **self._transport_parts()
         )
+
+    def _transport_parts(self) -> _TransportParts:
+        """What every transport of this mesh shares: its random source, its service
+        name and identity, and where its telemetry goes."""
+        return {
+            "rng": self._rng,
+            "caller": self.service,
+            "identity": self.identity,
+            "stats": self._traffic,
+            "observers": self._observers,
+        }
 
     def http_client(self, **kwargs: Any) -> httpx.Client:
         """An ``httpx.Client`` that resolves mesh names; other hosts pass through.

@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from meshlib.http.counted import Capture
 from meshlib.resilience.deadline import INBOUND_DEADLINE
 from meshlib.security.inbound import InboundSecurity
 from meshlib.security.peer import INBOUND_AUTHORIZATION, cookies_of, peer_from_scope
@@ -88,28 +89,16 @@ class _Headers(Mapping[str, str]):
         return len(self._decoded())
 
 
-class _Bodies:
-    """The first ``cap`` bytes of a request's and its answer's bodies, for a tap."""
+def _keeping(receive: Receive, kept: Capture) -> Receive:
+    """``receive`` keeping the first bytes of the request body in ``kept``."""
 
-    __slots__ = ("cap", "request", "response")
+    async def receiving() -> Message:
+        message = await receive()
+        if message["type"] == "http.request":
+            kept.keep(message.get("body", b""))
+        return message
 
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.request = b""
-        self.response = b""
-
-    def keep(self, kept: bytes, more: bytes) -> bytes:
-        room = self.cap - len(kept)
-        return kept + more[:room] if room > 0 and more else kept
-
-    def receiving(self, receive: Receive) -> Receive:
-        async def captured() -> Message:
-            message = await receive()
-            if message["type"] == "http.request":
-                self.request = self.keep(self.request, message.get("body", b""))
-            return message
-
-        return captured
+    return receiving
 
 
 async def _respond(send: Send, status: int, text: str, headers: list[tuple[bytes, bytes]]) -> None:
@@ -181,7 +170,10 @@ class MeshASGIMiddleware:
         flags: list[str] = []
         tap = self._observers.tap
         # bodies only for a tap that asked for them, at most its cap
-        bodies = _Bodies(tap.body_cap) if tap.active and tap.body_cap > 0 else None
+        request_kept = response_kept = None
+        if tap.active and tap.body_cap > 0:
+            request_kept, response_kept = Capture(tap.body_cap), Capture(tap.body_cap)
+            receive = _keeping(receive, request_kept)
 
         async def observed_send(message: Message) -> None:
             nonlocal status, response_headers, sent
@@ -189,15 +181,12 @@ class MeshASGIMiddleware:
             if kind == "http.response.body":
                 body = message.get("body", b"")
                 sent += len(body)
-                if bodies is not None:
-                    bodies.response = bodies.keep(bodies.response, body)
+                if response_kept is not None:
+                    response_kept.keep(body)
             elif kind == "http.response.start":
                 status = message["status"]
                 response_headers = message.get("headers") or []
             await send(message)
-
-        if bodies is not None:
-            receive = bodies.receiving(receive)
 
         started = time.perf_counter()
         headers = _Headers(scope.get("headers", []))
@@ -270,8 +259,8 @@ class MeshASGIMiddleware:
                         elapsed,
                         error,
                         trace_id_hex(server.trace_id if server is not None else 0),
-                        bodies.request if bodies is not None else None,
-                        bodies.response if bodies is not None else None,
+                        request_kept.data if request_kept is not None else None,
+                        response_kept.data if response_kept is not None else None,
                     )
                 except Exception:  # observing must never break the request
                     log.exception("tap or access log failed")

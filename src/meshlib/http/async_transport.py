@@ -27,11 +27,8 @@ from meshlib.http.sync_transport import mirror_body
 from meshlib.routing.decide import pick_endpoint
 from meshlib.routing.request import RequestView
 from meshlib.telemetry.client_call import ClientTelemetry
-from meshlib.telemetry.metrics import METRICS
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
-from meshlib.telemetry.tap import Tap
-from meshlib.telemetry.tracing import TRACING
 from meshlib.tls.aiohttp_connector import MeshTlsConnector
 
 if TYPE_CHECKING:
@@ -78,17 +75,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         stats: TrafficStats | None = None,
         observers: Observers | None = None,
     ) -> None:
-        TRACING.refresh()  # a provider installed since the last look is used at once
         self._caller = caller.encode("latin-1") if caller else None
         self._caller_name = caller
-        self._telemetry = ClientTelemetry(
-            store,
-            stats or TrafficStats(),
-            observers or Observers(Tap(), lambda: store.config.telemetry),
-            caller,
-        )
-        METRICS.refresh()
-        METRICS.watch(store, caller)
+        self._telemetry = ClientTelemetry(store, stats, observers, caller)
         self._identity = identity
         self._store = store
         self._rng = rng or random.Random()

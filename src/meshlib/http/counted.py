@@ -15,11 +15,12 @@ SizeRecorder = Callable[[float], None]
 
 
 class Capture:
-    """The first ``cap`` bytes of a body, handed to ``done`` when it is closed."""
+    """The first ``cap`` bytes of a body; a mesh response body hands them to
+    ``done`` when it is closed."""
 
     __slots__ = ("cap", "data", "done")
 
-    def __init__(self, cap: int, done: Callable[[bytes], None]) -> None:
+    def __init__(self, cap: int, done: Callable[[bytes], None] | None = None) -> None:
         self.cap = cap
         self.data = b""
         self.done = done
@@ -50,7 +51,7 @@ class CountedBody:
         try:
             if recorder is not None:
                 recorder(self.received)
-            if capture is not None:
+            if capture is not None and capture.done is not None:
                 capture.done(capture.data)
         except Exception:  # telemetry must never break closing the application's response
             log.exception("recording a response body's size or tap event failed")

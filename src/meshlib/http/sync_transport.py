@@ -21,11 +21,8 @@ from meshlib.http.resilient import run_sync, send_once_sync
 from meshlib.routing.decide import pick_endpoint
 from meshlib.routing.request import RequestView
 from meshlib.telemetry.client_call import ClientTelemetry
-from meshlib.telemetry.metrics import METRICS
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
-from meshlib.telemetry.tap import Tap
-from meshlib.telemetry.tracing import TRACING
 
 if TYPE_CHECKING:
     from meshlib.config.store import SnapshotStore
@@ -77,17 +74,9 @@ class MeshTransport(httpx.BaseTransport):
         stats: TrafficStats | None = None,
         observers: Observers | None = None,
     ) -> None:
-        TRACING.refresh()  # a provider installed since the last look is used at once
         self._caller = caller.encode("latin-1") if caller else None
         self._caller_name = caller
-        self._telemetry = ClientTelemetry(
-            store,
-            stats or TrafficStats(),
-            observers or Observers(Tap(), lambda: store.config.telemetry),
-            caller,
-        )
-        METRICS.refresh()
-        METRICS.watch(store, caller)
+        self._telemetry = ClientTelemetry(store, stats, observers, caller)
         limits = limits or httpx.Limits(max_connections=200, max_keepalive_connections=50)
         self._store = store
         self._rng = rng or random.Random()

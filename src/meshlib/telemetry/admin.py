@@ -409,18 +409,16 @@ def _tap_options(query: Query) -> dict[str, Any]:
     for name in ("service", "route", "status", "path_prefix", "direction"):
         if name in query:
             options[name] = query[name][-1]
-    if "sample" in query:
-        text = query["sample"][-1]
-        try:
-            options["sample"] = float(text)
-        except ValueError:
-            raise ValueError(f"tap: sample must be a number in [0, 1], got {text!r}") from None
-    if "limit" in query:
-        text = query["limit"][-1]
-        try:
-            options["limit"] = int(text)
-        except ValueError:
-            raise ValueError(f"tap: limit must be an integer >= 1, got {text!r}") from None
+    for name, kind, what in (
+        ("sample", float, "a number in [0, 1]"),
+        ("limit", int, "an integer >= 1"),
+    ):
+        if name in query:
+            text = query[name][-1]
+            try:
+                options[name] = kind(text)
+            except ValueError:
+                raise ValueError(f"tap: {name} must be {what}, got {text!r}") from None
     return options
 
 

@@ -19,6 +19,7 @@ from meshlib.http.counted import Capture, CountedBody
 from meshlib.telemetry.metrics import ENDPOINT, METRICS, PATH, ClientKey, Extra
 from meshlib.telemetry.observe import Observers
 from meshlib.telemetry.stats import TrafficStats
+from meshlib.telemetry.tap import Tap
 from meshlib.telemetry.tracing import (
     TRACING,
     UNSAMPLED,
@@ -69,14 +70,19 @@ class ClientTelemetry:
     def __init__(
         self,
         store: SnapshotStore,
-        stats: TrafficStats,
-        observers: Observers,
+        stats: TrafficStats | None,
+        observers: Observers | None,
         caller: str | None,
     ) -> None:
         self._store = store
-        self._stats = stats
-        self._observers = observers
+        self._stats = stats or TrafficStats()
+        self._observers = observers or Observers(Tap(), lambda: store.config.telemetry)
         self._caller = caller
+        # providers installed since the last look are used at once; the store's
+        # breakers, budgets and endpoints are reported by the observable instruments
+        TRACING.refresh()
+        METRICS.refresh()
+        METRICS.watch(store, caller)
 
     def begin(self, plan: Plan, request: httpx.Request) -> Call:
         """Before the call: its window, its start time, and its trace if sampled."""

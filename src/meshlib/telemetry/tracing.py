@@ -202,16 +202,12 @@ class Tracing:
         """The trace of one call with a mesh client: a `ClientTrace` if sampled; else
         None, after adding the parent's context (if any) to ``plan.headers``.
 
-        ``ratio`` applies only without a parent span (a caller that already rolled
-        passes 1.0)."""
+        ``ratio`` applies only without a parent span (`start_root` is for a call the
+        caller rolled for already)."""
         try:
             span_context = trace.get_current_span(parent).get_span_context()
-            if span_context.is_valid:
-                sampled = span_context.trace_flags.sampled
-            else:
-                sampled = not UNSAMPLED.get() and roll() < ratio
             tracer = self.tracer
-            if sampled and tracer is not None:
+            if _sampled(span_context, ratio) and tracer is not None:
                 return ClientTrace(tracer, self.sink, plan, request, parent, span_context, caller)
             if span_context.is_valid and self.plain_propagation:
                 plan.headers = inject_direct(plan.headers, span_context, parent)
@@ -253,12 +249,8 @@ class Tracing:
             )
             if not span_context.is_valid and not self.fields.isdisjoint(headers):
                 parent, span_context = self.extract(headers, parent)
-            if span_context.is_valid:
-                sampled = span_context.trace_flags.sampled
-            else:
-                sampled = not UNSAMPLED.get() and roll() < ratio
             tracer = self.tracer
-            if sampled and tracer is not None:
+            if _sampled(span_context, ratio) and tracer is not None:
                 name = _server_name(scope, service)
                 attributes = _server_attributes(scope, headers, service)
                 span: Span
@@ -651,6 +643,14 @@ class ServerTrace:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _sampled(parent: trace.SpanContext, ratio: float) -> bool:
+    """Parent-based sampling: the parent's flag if there is a parent; else, unless
+    an unsampled request is being served, a roll of ``ratio``."""
+    if parent.is_valid:
+        return bool(parent.trace_flags.sampled)
+    return not UNSAMPLED.get() and roll() < ratio
 
 
 def trace_id_hex(trace_id: int) -> str:
