@@ -224,7 +224,7 @@ class MeshASGIMiddleware:
             route = policy.rule_for(scope.get("path", "/")).name if policy is not None else "*"
             if telemetry.metrics:
                 self._stats.inbound(self.service, route).record(0 < status < 500, elapsed)
-                if METRICS.on:  # one call to a recorder made once per label set
+                if METRICS.on:  # the recorders made once per label set
                     key: ServerKey = (self.service, route, status // 100)
                     if "path" in telemetry.metric_labels:
                         key = (*key, ((PATH, scope.get("path", "/")),))

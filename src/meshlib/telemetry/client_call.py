@@ -122,7 +122,7 @@ class ClientTelemetry:
         if window is not None:
             status = response.status_code
             window.record(status < 500, elapsed)
-            if METRICS.on:  # one call to a recorder made once per label set
+            if METRICS.on:  # the recorders made once per label set
                 key: ClientKey = (
                     self._caller,
                     decision.service.name,
